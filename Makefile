@@ -1,0 +1,50 @@
+# ldmprobe — two commands on a fresh machine:
+#   make serve   set everything up, run the main job on the built-in `tiny` model
+#   make test    set everything up, run the test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-10)
+# One inductor cache inside the clone, shared by tests, benches and the demo.
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+
+MODEL ?= tiny
+PROMPT ?= a red apple on a wooden table
+SEED ?= 5107435
+STEPS ?= 15
+OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+COMPILE ?=
+
+.PHONY: install serve test test-fast bench lint clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+# Until the TorchServe service lands, `serve` runs the CLI demo: generate one image with
+# in-graph capture of all 16 self-attention layers, per-step previews and the activation store.
+serve: install
+	$(BIN)/ldmprobe generate --model "$(MODEL)" --prompt "$(PROMPT)" --seed $(SEED) --steps $(STEPS) \
+		--layers all --previews --out "$(OUT)" $(if $(COMPILE),--compile --cache-dir .cache/inductor)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: install
+	$(BIN)/python bench/capture.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache runs model_store/*.mar .pytest_cache

@@ -1,0 +1,218 @@
+"""The denoising loop: the study's settings and noise convention, per-step outputs, capture.
+
+`Sampler` owns the capturing (optionally compiled) U-Net of one model. `Sampler.start` returns a
+`Denoising` run that is advanced one step at a time (`predict` then `advance`), so callers that
+edit activations mid-generation (intervention) can predict, optimise, predict again with
+patches, then advance. `Sampler.generate` is the plain loop over it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .capture import CapturingUNet, validate_half
+from .models import SDModel
+from .schemas import GenerationSettings
+
+SCHEDULERS = {
+    "lms": "LMSDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+def make_scheduler(model: SDModel, name: str):
+    """A fresh diffusers scheduler of kind `name`, configured from the model's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(model.scheduler_config)
+
+
+def study_noise(seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The study's initial noise before scaling: torch.manual_seed(seed), then a CPU
+    torch.randn of (1, 4, H/8, W/8). A private generator draws the same numbers without
+    touching the global RNG, so every prompt of a batch gets exactly its unbatched noise."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=gen)
+
+
+@dataclass
+class StepOutput:
+    """What one denoising step produced. `latents` is the latent after the step (x_{t-1});
+    `x0` the scheduler's prediction of the clean latent; `activations` the captured attn1
+    outputs computed at this step ([rows, H·W, C] per layer name)."""
+
+    index: int
+    timestep: float
+    latents: torch.Tensor
+    x0: torch.Tensor
+    activations: dict[str, torch.Tensor]
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # [N, 3, H, W] float32 in [0, 1], on CPU
+    latents: torch.Tensor  # final latents [N, 4, h, w]
+    steps: list[StepOutput]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _x0_from_eps(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+    """Clean-latent prediction for alpha-parameterised schedulers that don't report one."""
+    ab = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        return ab.sqrt() * sample - (1 - ab).sqrt() * model_output
+    return (sample - (1 - ab).sqrt() * model_output) / ab.sqrt()
+
+
+class Denoising:
+    """The state of one batched generation, advanced one step at a time."""
+
+    def __init__(self, sampler: "Sampler", prompts: list[str], seeds: list[int], settings: GenerationSettings,
+                 capture: tuple[str, ...], half: str):
+        model = sampler.model
+        self.sampler, self.settings, self.capture, self.half = sampler, settings, capture, half
+        self.prompts, self.seeds = list(prompts), [int(s) for s in seeds]
+        height = settings.height or model.default_size
+        width = settings.width or model.default_size
+        self.height, self.width = height, width
+        self.scheduler = make_scheduler(model, settings.scheduler)
+        self.scheduler.set_timesteps(settings.steps, device=model.device)
+        self.timesteps = self.scheduler.timesteps
+        shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+        noise = torch.cat([study_noise(s, shape) for s in self.seeds])
+        self.latents = (noise.to(model.device) * self.scheduler.init_noise_sigma).to(model.dtype)
+        cond = model.encode_prompts(self.prompts)
+        self.text = torch.cat([model.encode_prompts([""] * len(self.prompts)), cond]) if settings.cfg else cond
+        self.index = 0
+        self.generator = torch.Generator(model.device).manual_seed(self.seeds[0])  # ancestral schedulers only
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def timestep(self):
+        return self.timesteps[self.index]
+
+    @torch.no_grad()
+    def predict(self, patches: Mapping[str, torch.Tensor] | None = None):
+        """Guided noise prediction at the current step and the captured activations."""
+        t = self.timestep
+        cfg = self.settings.cfg
+        latent_in = torch.cat([self.latents] * 2) if cfg else self.latents
+        latent_in = self.scheduler.scale_model_input(latent_in, t)
+        noise, acts = self.sampler.unet_fn(latent_in, t, self.text, capture=self.capture, half=self.half,
+                                           cfg=cfg, patches=patches)
+        if cfg:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + self.settings.guidance * (cond - uncond)
+        return noise, acts
+
+    @torch.no_grad()
+    def advance(self, noise: torch.Tensor, activations: dict[str, torch.Tensor]) -> StepOutput:
+        """Scheduler step with a prediction from `predict`; returns this step's outputs."""
+        t = self.timestep
+        kwargs = {"generator": self.generator} if "generator" in self.scheduler.step.__code__.co_varnames else {}
+        sample = self.latents
+        out = self.scheduler.step(noise, t, sample, **kwargs)
+        x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:
+            x0 = _x0_from_eps(self.scheduler, sample, noise, t)
+        self.latents = out.prev_sample.to(self.sampler.model.dtype)
+        step = StepOutput(self.index, float(t), self.latents, x0.to(self.latents.dtype), activations)
+        self.index += 1
+        return step
+
+
+class Sampler:
+    """Runs the model's (optionally compiled) capturing U-Net through the denoising loop."""
+
+    def __init__(self, model: SDModel, compile: bool = False, cache_dir: str | Path | None = None):
+        self.model = model
+        self.capturing = CapturingUNet(model.unet)
+        self.compiled = bool(compile)
+        if compile:
+            if cache_dir is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
+            self.unet_fn = torch.compile(self.capturing, fullgraph=True, dynamic=False)
+        else:
+            self.unet_fn = self.capturing
+
+    def select_layers(self, selection: str | Iterable[str] | None) -> tuple[str, ...]:
+        return self.capturing.select_layers(selection)
+
+    def start(self, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
+              layers: str | Iterable[str] | None = None, half: str = "cond") -> Denoising:
+        settings = settings or GenerationSettings()
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            raise ValueError("no prompts given")
+        step = self.model.vae_scale_factor
+        for name, side in (("height", settings.height), ("width", settings.width)):
+            if side is not None and side % step:
+                raise ValueError(f"{name} must be a multiple of {step} for this model, got {side}")
+        return Denoising(self, prompts, seeds, settings, self.select_layers(layers), validate_half(half))
+
+    def generate(self, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
+                 layers: str | Iterable[str] | None = None, half: str = "cond",
+                 callback: Callable[[StepOutput], None] | None = None, keep_steps: bool = True,
+                 progress: bool = False) -> GenerationResult:
+        """Generate a batch of images; every step's outputs go to `callback` and, when
+        keep_steps, into the result (activations of all steps of a full-size model are large:
+        stream them to an ActivationStore through the callback instead)."""
+        from tqdm.auto import tqdm
+
+        run = self.start(prompts, seeds, settings, layers, half)
+        steps: list[StepOutput] = []
+        started = time.perf_counter()
+        for _ in tqdm(range(len(run.timesteps)), desc="denoising", disable=not progress, unit="step"):
+            step = run.advance(*run.predict())
+            if callback is not None:
+                callback(step)
+            if keep_steps:
+                steps.append(step)
+        denoise_s = time.perf_counter() - started
+        images = self.decode(run.latents)
+        meta = self.metadata(run)
+        meta["timings_s"] = {"denoise": round(denoise_s, 4), "decode": round(time.perf_counter() - started - denoise_s, 4)}
+        return GenerationResult(images, run.latents, steps, meta)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode latents to float32 images in [0, 1] on CPU, [N, 3, H, W]."""
+        vae = self.model.vae
+        latents = latents.to(self.model.device, vae.dtype) / vae.config.scaling_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def metadata(self, run: Denoising | None = None) -> dict[str, Any]:
+        meta = self.model.metadata() | {"compiled": self.compiled, "capture_point": "attn1.to_out (before residual)"}
+        if run is not None:
+            meta |= {"prompts": run.prompts, "seeds": run.seeds, "scheduler": run.settings.scheduler,
+                     "steps": run.settings.steps, "guidance": run.settings.guidance, "height": run.height,
+                     "width": run.width, "layers": list(run.capture), "half": run.half,
+                     "timesteps": [float(t) for t in run.timesteps]}
+        return meta
+
+
+def to_pil(images: torch.Tensor):
+    """[N, 3, H, W] floats in [0, 1] → list of PIL images."""
+    from PIL import Image
+
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]

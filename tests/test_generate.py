@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from ldmprobe.generate import SCHEDULERS, study_noise
+from ldmprobe.schemas import GenerationSettings
+
+FAST = GenerationSettings(steps=4)
+
+
+def test_same_seed_same_image_and_activations_other_seed_differs(sampler):
+    a = sampler.generate(["a red apple"], [11], FAST, layers="all")
+    b = sampler.generate(["a red apple"], [11], FAST, layers="all")
+    c = sampler.generate(["a red apple"], [12], FAST, layers="all")
+    assert torch.equal(a.images, b.images)
+    for sa, sb in zip(a.steps, b.steps, strict=True):
+        for name in sa.activations:
+            assert torch.equal(sa.activations[name], sb.activations[name])
+    assert (a.images - c.images).abs().max() > 1e-3
+    assert (a.steps[0].activations["dec4.0"] - c.steps[0].activations["dec4.0"]).abs().max() > 1e-3
+
+
+def test_initial_noise_is_the_studys_convention(sampler):
+    """torch.manual_seed(seed); torch.randn(1, 4, H/8, W/8) on CPU, times the initial sigma,
+    which for LMS with SD's scaled-linear betas and linspace spacing is sigma_max =
+    sqrt((1 - ᾱ_999) / ᾱ_999) (the study's `latents * scheduler.sigmas[0]`), computed here directly."""
+    seed = 5107435  # the first seed of the study's train split
+    torch.manual_seed(seed)
+    direct = torch.randn(1, 4, 16, 16)
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    sigma_max = np.sqrt((1 - alphas_cumprod[-1]) / alphas_cumprod[-1])
+    init_sigma = float(sigma_max)
+    run = sampler.start(["Herders with a yak team."], [seed], GenerationSettings())
+    torch.testing.assert_close(run.latents, direct * init_sigma, rtol=1e-5, atol=1e-5)
+    assert torch.equal(study_noise(seed, (4, 16, 16)), direct)
+    assert run.scheduler.__class__.__name__ == "LMSDiscreteScheduler" and len(run.timesteps) == 15
+    assert float(run.timesteps[0]) == 999.0 and float(run.timesteps[-1]) == 0.0
+
+
+def test_global_rng_is_left_alone(sampler):
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    sampler.start(["x"], [99], FAST)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_batch_matches_one_by_one(sampler):
+    both = sampler.generate(["a red apple", "a dog on grass"], [3, 4], FAST, layers="dec4.0,mid.0")
+    for i, (prompt, seed) in enumerate([("a red apple", 3), ("a dog on grass", 4)]):
+        one = sampler.generate([prompt], [seed], FAST, layers="dec4.0,mid.0")
+        torch.testing.assert_close(both.images[i:i + 1], one.images, atol=1e-4, rtol=1e-4)
+        for s_both, s_one in zip(both.steps, one.steps, strict=True):
+            torch.testing.assert_close(s_both.activations["dec4.0"][i:i + 1], s_one.activations["dec4.0"],
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_per_step_outputs_and_callback(sampler):
+    seen = []
+    result = sampler.generate(["a red apple"], [0], FAST, layers="dec4", half="both", callback=seen.append)
+    assert [s.index for s in seen] == [0, 1, 2, 3] and len(result.steps) == 4
+    step = result.steps[-1]
+    assert step.latents.shape == step.x0.shape == (1, 4, 16, 16)
+    assert set(step.activations) == {"dec4.0", "dec4.1", "dec4.2"}
+    assert step.activations["dec4.0"].shape == (2, 256, 32)  # both CFG halves
+    assert torch.equal(result.latents, step.latents)
+    # LMS: the last step's x0 prediction is the final latent (sigma reaches 0).
+    torch.testing.assert_close(step.x0, step.latents, atol=1e-4, rtol=1e-3)
+    assert result.images.shape == (1, 3, 128, 128) and 0 <= result.images.min() <= result.images.max() <= 1
+    meta = result.metadata
+    for key in ("model_identity", "attention", "dtype", "device", "compiled", "scheduler", "timesteps", "layers"):
+        assert key in meta
+    assert meta["attention"] == "sdpa" and meta["compiled"] is False and meta["steps"] == 4
+
+
+def test_no_guidance_means_no_cfg_batch(sampler):
+    result = sampler.generate(["a"], [0], GenerationSettings(steps=2, guidance=1.0), layers="mid.0", half="cond")
+    assert result.steps[0].activations["mid.0"].shape[0] == 1
+
+
+def test_no_capture_requested_returns_no_activations(sampler):
+    result = sampler.generate(["a"], [0], GenerationSettings(steps=2))
+    assert all(s.activations == {} for s in result.steps)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs(sampler, name):
+    result = sampler.generate(["a"], [0], GenerationSettings(steps=3, scheduler=name), layers="mid.0")
+    # One output per U-Net evaluation: PNDM's PLMS warm-up evaluates one timestep twice.
+    assert len(result.steps) == len(result.metadata["timesteps"]) in (3, 4)
+    assert torch.isfinite(result.images).all()
+    assert all(torch.isfinite(s.x0).all() for s in result.steps)
+
+
+def test_bad_arguments(sampler):
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        sampler.start(["a", "b"], [1], FAST)
+    with pytest.raises(ValueError, match="height must be a multiple of 8"):
+        sampler.start(["a"], [1], GenerationSettings.model_construct(steps=2, guidance=7.5, height=132, width=None,
+                                                                      scheduler="lms"))
+    with pytest.raises(ValueError, match="unknown CFG half"):
+        sampler.start(["a"], [1], FAST, half="uncond")
