@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .capture import CapturingUNet, validate_half
+from .capture import CapturingUNet, compile_capturing, validate_half
 from .models import SDModel
 from .schemas import GenerationSettings
 
@@ -81,7 +81,7 @@ def _x0_from_eps(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t)
 class Denoising:
     """The state of one batched generation, advanced one step at a time."""
 
-    def __init__(self, sampler: "Sampler", prompts: list[str], seeds: list[int], settings: GenerationSettings,
+    def __init__(self, sampler: Sampler, prompts: list[str], seeds: list[int], settings: GenerationSettings,
                  capture: tuple[str, ...], half: str):
         model = sampler.model
         self.sampler, self.settings, self.capture, self.half = sampler, settings, capture, half
@@ -148,7 +148,7 @@ class Sampler:
         if compile:
             if cache_dir is not None:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
-            self.unet_fn = torch.compile(self.capturing, fullgraph=True, dynamic=False)
+            self.unet_fn = compile_capturing(self.capturing, model.device)
         else:
             self.unet_fn = self.capturing
 

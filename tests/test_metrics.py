@@ -20,7 +20,7 @@ def _ref_rows(fn, p, t):
     t = np.asarray(t, dtype=np.float64).reshape(len(t), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's ConstantInputWarning
-        return np.array([fn(a, b) for a, b in zip(p, t)], dtype=np.float64)
+        return np.array([fn(a, b) for a, b in zip(p, t, strict=True)], dtype=np.float64)
 
 
 def _spearman_ref(a, b):

@@ -3,8 +3,14 @@ import json
 import pytest
 import torch
 
-from ldmprobe.models import (BackendUnavailableError, ModelSourceError, check_sd_folder, load_model,
-                             sd_v1_4_config, save_model)
+from ldmprobe.models import (
+    BackendUnavailableError,
+    ModelSourceError,
+    check_sd_folder,
+    load_model,
+    save_model,
+    sd_v1_4_config,
+)
 
 
 def test_tiny_has_sd14_block_structure_and_is_deterministic(tiny):
