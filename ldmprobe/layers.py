@@ -65,7 +65,7 @@ class LayerRegistry:
         self._by_module = {s.module: s for s in self.specs}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], latent_size: int | tuple[int, int] | None = None) -> "LayerRegistry":
+    def from_config(cls, config: Mapping[str, Any], latent_size: int | tuple[int, int] | None = None) -> LayerRegistry:
         """Build the registry from a diffusers UNet2DConditionModel config.
 
         latent_size defaults to the config's sample_size (64 for SD v1.4 = 512 px images).

@@ -13,8 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]  # `python -m training.scenes` runs from the repo root
-
 from training.scenes import (
     SKY_DEPTH,
     SKY_SHADING,
@@ -35,6 +33,7 @@ from training.scenes import (
     sphere,
 )
 
+ROOT = Path(__file__).resolve().parents[1]  # `python -m training.scenes` runs from the repo root
 N = 129  # odd, so the centre pixel's ray is exactly the camera's forward axis
 C = N // 2
 
