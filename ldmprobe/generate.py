@@ -78,6 +78,19 @@ def _x0_from_eps(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t)
     return (sample - (1 - ab).sqrt() * model_output) / ab.sqrt()
 
 
+def noised_model_input(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """The U-Net input for clean latents `x0` noised to the scheduler's step `index` (its
+    forward process), without running the steps before it. Sigma-parameterised schedulers
+    (LMS, Euler: init_noise_sigma > 1) use x0 + σ·ε scaled by 1/√(σ²+1); alpha-parameterised
+    ones (DDIM, DDPM, PNDM, DPM) use √ᾱ·x0 + √(1−ᾱ)·ε."""
+    if float(scheduler.init_noise_sigma) > 1.0:
+        sigma = scheduler.sigmas[index].to(x0.device, torch.float32)
+        return ((x0.float() + sigma * noise.float()) / (sigma**2 + 1).sqrt()).to(x0.dtype)
+    t = int(scheduler.timesteps[index])
+    ab = scheduler.alphas_cumprod[t].to(x0.device, torch.float32)
+    return (ab.sqrt() * x0.float() + (1 - ab).sqrt() * noise.float()).to(x0.dtype)
+
+
 class Denoising:
     """The state of one batched generation, advanced one step at a time."""
 
@@ -191,6 +204,38 @@ class Sampler:
         meta = self.metadata(run)
         meta["timings_s"] = {"denoise": round(denoise_s, 4), "decode": round(time.perf_counter() - started - denoise_s, 4)}
         return GenerationResult(images, run.latents, steps, meta)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE-encode [N, 3, H, W] images in [0, 1] to scaled latents (the posterior mean)."""
+        vae = self.model.vae
+        x = images.to(self.model.device, vae.dtype) * 2 - 1
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def noised_activations(self, images: torch.Tensor, prompts: list[str], seeds: list[int],
+                           settings: GenerationSettings | None = None, layers: str | Iterable[str] | None = "all",
+                           steps: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
+        """Activations of noisy versions of real images: each image is VAE-encoded, noised to
+        every requested step's timestep (the study's noise for its seed), and all steps go
+        through the U-Net in one batch with the text condition (conditional rows only: they do
+        not depend on the unconditional ones). Returns {layer: [N, S, H·W, C]}."""
+        settings = settings or GenerationSettings()
+        names = self.select_layers(layers)
+        scheduler = make_scheduler(self.model, settings.scheduler)
+        scheduler.set_timesteps(settings.steps, device=self.model.device)
+        indices = list(range(len(scheduler.timesteps))) if steps is None else list(steps)
+        x0 = self.encode(images)
+        text = self.model.encode_prompts(list(prompts))
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for i, seed in enumerate(seeds):
+            noise = study_noise(seed, tuple(x0.shape[1:])).to(x0.device)
+            batch = torch.cat([noised_model_input(scheduler, x0[i:i + 1], noise, k) for k in indices])
+            t = scheduler.timesteps[indices].to(self.model.device)
+            _, acts = self.unet_fn(batch, t, text[i:i + 1].expand(len(indices), -1, -1), capture=names, cfg=False)
+            for n in names:
+                out[n].append(acts[n])
+        return {n: torch.stack(v) for n, v in out.items()}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
