@@ -46,7 +46,9 @@ TINY_VAE = {
     "layers_per_block": 1,
     "norm_num_groups": 16,
     "sample_size": 128,
-    "scaling_factor": 0.18215,
+    # Chosen as SD chose 0.18215: 1 / std of the encoder's latents (here on rendered scenes), so
+    # latents have unit variance and the noise schedule means what it means for SD.
+    "scaling_factor": 2.46,
 }
 TINY_TEXT = {
     "hidden_size": 32,

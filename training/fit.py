@@ -1,0 +1,505 @@
+"""Fit a probe bank: `python -m training.fit --model tiny --mode noised --scenes 96 --out runs/bank`.
+
+One pass over the training images accumulates, per (layer, step), the float64 statistics of
+(activations, labels) for all properties at once (training.ridge); the closed-form ridge fit
+then gives every probe for every λ, λ chosen per property on held-out images. The job is
+resumable (statistics checkpointed per shard, atomically) and distributed (under torchrun each
+rank takes every world-th shard; the statistics are all-reduced). `--method reference` trains
+the study's recipe (Adam, no bias) instead, for comparison. The bank is scored on the test
+split with the same probe-head path the service uses, and written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ldmprobe.atomic import atomic_path, write_json
+from ldmprobe.metrics import compute_all
+from ldmprobe.probes import ProbeBank
+
+from .labels import PROPERTIES, LabelError
+from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, to_tokens
+
+EXIT_USAGE = 2
+TEST_SEED_OFFSET = 1_000_000  # test scenes never share a seed with training scenes
+PRIMARY = {"mask": "dice", "continuous": "spearman"}
+
+
+class JobError(Exception):
+    """Bad input or an output folder holding another job: exit code 2 with one line."""
+
+
+# --- distribution ----------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def all_reduce_(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# --- statistics --------------------------------------------------------------------------------
+@dataclass
+class Accumulator:
+    """RidgeStats per (split, layer, step) for K stacked properties."""
+
+    channels: dict[str, int]
+    steps: int
+    props: list[str]
+    stats: dict[tuple[str, str, int], RidgeStats] = field(default_factory=dict)
+
+    def get(self, split: str, layer: str, step: int) -> RidgeStats:
+        key = (split, layer, step)
+        if key not in self.stats:
+            self.stats[key] = RidgeStats(self.channels[layer], len(self.props))
+        return self.stats[key]
+
+    def add_batch(self, batch, split_of: list[str], shapes: dict[str, tuple[int, int]]) -> None:
+        labels = torch.stack([batch.labels[p] for p in self.props], dim=1)  # [N, K, H, W]
+        for layer, (h, w) in shapes.items():
+            y_layer = area_average(labels, (h, w))  # exact for nearest upsampling, squared loss
+            acts = batch.activations[layer]  # [N, S, h·w, C]
+            for i, split in enumerate(split_of):
+                y = to_tokens(y_layer[i:i + 1])
+                for s in range(self.steps):
+                    self.get(split, layer, s).add(acts[i, s].float(), y)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{sp}/{la}/{st}/{k}": v for (sp, la, st), rs in self.stats.items() for k, v in rs.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        grouped: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
+        for name, value in state.items():
+            sp, la, st, k = name.split("/")
+            grouped.setdefault((sp, la, int(st)), {})[k] = value
+        for key, part in grouped.items():
+            self.get(*key).merge(RidgeStats.from_state_dict(part))
+
+    def all_reduce(self, d: Dist, layers: list[str]) -> None:
+        if d.world == 1:
+            return
+        for split in ("train", "val"):  # every rank creates every key, so the calls line up
+            for layer in layers:
+                for s in range(self.steps):
+                    self.get(split, layer, s).all_reduce()
+
+
+def shard_path(out: Path, index: int) -> Path:
+    return out / "stats" / f"shard_{index:05d}.safetensors"
+
+
+def save_shard(path: Path, acc: Accumulator, ids: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(acc.state_dict(), str(tmp), metadata={"ids": json.dumps(ids)})
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise JobError(f"{path}: unreadable statistics checkpoint ({exc}); delete it to recompute that shard") from exc
+
+
+# --- fitting -----------------------------------------------------------------------------------
+def solve_ridge(acc: Accumulator, layer: str, step: int, grid) -> tuple[torch.Tensor, torch.Tensor, list[float], dict]:
+    """Weights [C, K], bias [K] and λ per property: λ chosen on validation statistics, then the
+    probe refitted on train + validation with that λ."""
+    train, val = acc.get("train", layer, step), acc.get("val", layer, step)
+    if val.n == 0:
+        raise JobError("no validation images: use more training images or a smaller --val-every")
+    chosen = fit(train, val, grid)
+    both = RidgeStats(train.C, train.K).merge(train).merge(val)
+    weight = torch.empty(train.C, train.K, dtype=torch.float64)
+    bias = torch.empty(train.K, dtype=torch.float64)
+    lams = [float(v) for v in chosen.lam]
+    for lam in sorted(set(lams)):
+        refit = fit(both, None, (lam,))
+        cols = [k for k, v in enumerate(lams) if v == lam]
+        weight[:, cols], bias[cols] = refit.weight[:, cols], refit.bias[cols]
+    info = {"lambda": lams, "val_mse": [float(v) for v in chosen.val_mse[chosen.lambdas.tolist().index(lams[0])]],
+            "n_train_pixels": int(train.n), "n_val_pixels": int(val.n)}
+    return weight, bias, lams, info
+
+
+def label_norm(acc: Accumulator, layer: str, step: int) -> tuple[list[float], list[float]]:
+    """Global z-score of each target over all training pixels (the study's fixed depth scaling)."""
+    total = RidgeStats(1, len(acc.props))
+    for split in ("train", "val"):
+        st = acc.get(split, layer, step)
+        total.n += st.n
+        total.sum_y += st.sum_y
+        total.yty += st.yty
+    mean = total.sum_y / total.n
+    var = (torch.diagonal(total.yty) / total.n - mean**2).clamp_min(1e-12)
+    return mean.tolist(), var.sqrt().tolist()
+
+
+def fit_reference(X: torch.Tensor, Y: torch.Tensor, kinds: list[str], epochs: int = 30, lr: float = 1e-3,
+                  batch_images: int = 4, seed: int = 0) -> torch.Tensor:
+    """The study's recipe for one (layer, step): a bias-free linear layer trained with Adam,
+    cross-entropy (on logits) for masks and Huber for continuous targets. X [N, P, C], Y [N, P, K]
+    (targets already normalised). Returns the weight [C, K]."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.zeros(X.shape[-1], Y.shape[-1]))
+    opt = torch.optim.Adam([w], lr=lr)
+    mask_cols = [k for k, kind in enumerate(kinds) if kind == "mask"]
+    cont_cols = [k for k, kind in enumerate(kinds) if kind != "mask"]
+    for _ in range(epochs):
+        order = torch.randperm(X.shape[0], generator=gen)
+        for start in range(0, X.shape[0], batch_images):
+            idx = order[start:start + batch_images]
+            pred = X[idx].float() @ w
+            y = Y[idx].float()
+            loss = 0.0
+            if mask_cols:
+                loss = loss + F.binary_cross_entropy_with_logits(pred[..., mask_cols], y[..., mask_cols])
+            if cont_cols:
+                loss = loss + F.huber_loss(pred[..., cont_cols], y[..., cont_cols])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach()
+
+
+# --- evaluation --------------------------------------------------------------------------------
+class MetricSums:
+    """Per (property, layer, step, metric): sum of per-image values, images counted, undefined."""
+
+    def __init__(self):
+        self.sums: dict[tuple[str, str, int, str], list[float]] = {}
+
+    def add(self, prop: str, layer: str, step: int, per_image: dict[str, torch.Tensor]) -> None:
+        for metric, values in per_image.items():
+            entry = self.sums.setdefault((prop, layer, step, metric), [0.0, 0.0, 0.0])
+            finite = values[torch.isfinite(values)]
+            entry[0] += float(finite.sum())
+            entry[1] += float(finite.numel())
+            entry[2] += float(values.numel() - finite.numel())
+
+    def reduce(self, d: Dist) -> None:
+        if d.world == 1:
+            return
+        keys = sorted(self.sums)
+        flat = torch.tensor([v for k in keys for v in self.sums[k]], dtype=torch.float64)
+        all_reduce_(flat, d)
+        for i, k in enumerate(keys):
+            self.sums[k] = flat[3 * i:3 * i + 3].tolist()
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for (prop, layer, step, metric), (total, n, nan) in sorted(self.sums.items()):
+            out.append({"property": prop, "layer": layer, "step": step, "metric": metric,
+                        "value": total / n if n else math.nan, "n_images": int(n + nan), "n_undefined": int(nan)})
+        return out
+
+
+def per_image_metrics(pred: torch.Tensor, target: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    from ldmprobe import metrics as M
+
+    if kind == "mask":
+        return {"dice": M.dice(pred, target), "pearson": M.pearson(pred, target)}
+    return {"spearman": M.spearman(pred, target), "pearson": M.pearson(pred, target), "rmse": M.rmse(pred, target)}
+
+
+def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: list[str], steps: int,
+             shard_size: int, d: Dist, train_means: dict[str, float], progress: bool) -> MetricSums:
+    """Score every probe on the test images at image resolution (nearest upsampling, as the
+    study), through the batched probe-head path; plus the trivial baselines: the all-background
+    mask and the training mean."""
+    from tqdm.auto import tqdm
+
+    sums = MetricSums()
+    shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+    for shard in tqdm(shards[d.rank::d.world], desc="test", disable=not progress, unit="shard"):
+        batch = source.batch(shard)
+        size = tuple(batch.images.shape[-2:])
+        for s in range(steps):
+            maps = bank.apply({la: batch.activations[la][:, s] for la in layers}, s, properties=props,
+                              layers=layers, size=size)
+            for (prop, layer), value in maps.items():
+                sums.add(prop, layer, s, per_image_metrics(value, batch.labels[prop], PROPERTIES[prop]))
+        for prop in props:
+            target = batch.labels[prop]
+            const = torch.full_like(target, 0.0 if PROPERTIES[prop] == "mask" else train_means[prop])
+            sums.add(prop, "baseline", -1, per_image_metrics(const, target, PROPERTIES[prop]))
+    sums.reduce(d)
+    return sums
+
+
+# --- the job -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    p = _Parser(prog="python -m training.fit", description="Fit a probe bank (streaming closed-form ridge).")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--mode", choices=["noised", "generated"], default="noised")
+    p.add_argument("--scenes", type=int, default=96, help="noised mode: training scenes (seeds 0…N-1)")
+    p.add_argument("--test-scenes", type=int, default=32, help=f"noised mode: test scenes (seeds {TEST_SEED_OFFSET}+)")
+    p.add_argument("--prompts", type=Path, default=None, help="generated mode: training prompts (CSV or text)")
+    p.add_argument("--test-prompts", type=Path, default=None, help="generated mode: test prompts")
+    p.add_argument("--base-seed", type=int, default=0, help="seed of the first prompt of a text prompt file")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
+    p.add_argument("--labels", action="append", default=[], metavar="SPEC",
+                   help="generated mode label source: dpt:PATH_OR_HUB_ID (depth) or files:DIR (repeatable)")
+    p.add_argument("--properties", default="foreground,depth,shading")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--scheduler", default="lms")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--method", choices=["ridge", "reference"], default="ridge")
+    p.add_argument("--val-every", type=int, default=5, help="every Nth training image is held out to choose λ")
+    p.add_argument("--shard-size", type=int, default=8, help="images per checkpointed shard")
+    p.add_argument("--epochs", type=int, default=30, help="reference method: epochs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _sources(args, sampler, settings, layers):
+    from .data import PromptSource, SceneSource
+    from .labels import DepthModel, LabelFiles
+    from .prompts import load_prompts, study_split
+
+    if args.mode == "noised":
+        if args.scenes < 2 or args.test_scenes < 1:
+            raise JobError("--scenes must be ≥ 2 and --test-scenes ≥ 1")
+        return (SceneSource(sampler, settings, layers, list(range(args.scenes))),
+                SceneSource(sampler, settings, layers, list(range(TEST_SEED_OFFSET, TEST_SEED_OFFSET + args.test_scenes))))
+    train_items = load_prompts(args.prompts or study_split("train"), args.base_seed, args.limit)
+    test_items = load_prompts(args.test_prompts or study_split("test"), args.base_seed, args.limit)
+    if not args.labels:
+        raise JobError("--labels: generated mode needs at least one label source (dpt:… or files:…)")
+    sources, names = [], []
+    for spec in args.labels:
+        kind, _, target = spec.partition(":")
+        if kind == "dpt" and target:
+            sources.append(DepthModel(target, sampler.model.device))
+        elif kind == "files" and target:
+            sources.append(LabelFiles(target))
+        else:
+            raise JobError(f"--labels: {spec!r} is not dpt:PATH_OR_ID or files:DIR")
+        names.append(spec)
+    return (PromptSource(sampler, settings, layers, train_items, sources, names),
+            PromptSource(sampler, settings, layers, test_items, sources, names))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from ldmprobe.generate import Sampler
+    from ldmprobe.models import load_model
+    from ldmprobe.schemas import GenerationSettings
+
+    props = [p.strip() for p in args.properties.split(",") if p.strip()]
+    for p in props:
+        if p not in PROPERTIES:
+            raise JobError(f"--properties: unknown property {p!r}; use {', '.join(PROPERTIES)}")
+    if args.val_every < 2 or args.shard_size < 1:
+        raise JobError("--val-every must be ≥ 2 and --shard-size ≥ 1")
+    settings = GenerationSettings(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                                  scheduler=args.scheduler)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    d = init_dist(model.device)
+    sampler = Sampler(model, compile=args.compile)
+    layers = list(sampler.select_layers(args.layers))
+    height, width = settings.height or model.default_size, settings.width or model.default_size
+    registry = model.registry(height, width)
+    train_src, test_src = _sources(args, sampler, settings, layers)
+    progress = d.main and not args.no_progress
+    out: Path = args.out
+    steps = settings.steps  # one output per U-Net evaluation (LMS: = steps)
+
+    job = {"model_identity": model.identity, "mode": args.mode, "properties": props, "layers": layers,
+           "steps": steps, "scheduler": settings.scheduler, "size": [height, width], "method": args.method,
+           "val_every": args.val_every, "shard_size": args.shard_size, "source": train_src.describe(),
+           "train_ids_sha": hashlib.sha256(json.dumps(train_src.ids).encode()).hexdigest()[:16]}
+    job_file = out / "job.json"
+    if job_file.exists():
+        previous = json.loads(job_file.read_text())
+        diff = [k for k in job if previous.get(k) != job[k]]
+        if diff:
+            raise JobError(f"--out {out} holds another job ({', '.join(diff)} differ); use a new folder")
+    elif d.main:
+        write_json(job_file, job)
+
+    ids = train_src.ids
+    split_of = {i: ("val" if n % args.val_every == args.val_every - 1 else "train") for n, i in enumerate(ids)}
+    shards = [ids[i:i + args.shard_size] for i in range(0, len(ids), args.shard_size)]
+    shapes = {la: (registry[la].height, registry[la].width) for la in layers}
+    channels = {la: registry[la].channels for la in layers}
+    started = time.perf_counter()
+    acc = Accumulator(channels, steps, props)
+    kept: dict[str, list[torch.Tensor]] = {}  # reference method: activations and labels in memory
+    mine = list(range(len(shards)))[d.rank::d.world]
+    resumed = 0
+    for index in tqdm(mine, desc="train", disable=not progress, unit="shard"):
+        path = shard_path(out, index)
+        if args.method == "ridge" and path.exists():
+            acc.load_state(load_shard(path))
+            resumed += 1
+            continue
+        batch = train_src.batch(shards[index])
+        if args.method == "reference":
+            kept.setdefault("labels", []).append(torch.stack([batch.labels[p] for p in props], 1))
+            for la in layers:
+                kept.setdefault(la, []).append(batch.activations[la].to(torch.float16))
+            continue
+        part = Accumulator(channels, steps, props)
+        part.add_batch(batch, [split_of[i] for i in shards[index]], shapes)
+        save_shard(path, part, shards[index])
+        acc.load_state(part.state_dict())
+    for split in ("train", "val"):
+        for la in layers:
+            for s in range(steps):
+                acc.get(split, la, s)  # every key exists on every rank before the all-reduce
+    acc.all_reduce(d, layers)
+    extract_s = time.perf_counter() - started
+
+    bank = ProbeBank.for_model(model, height, width, scheduler=settings.scheduler, num_steps=steps,
+                               label_sources={"mode": args.mode, **train_src.describe()},
+                               split={"train": len(ids), "val_every": args.val_every, "test": len(test_src.ids)},
+                               fit={"method": args.method})
+    fit_started = time.perf_counter()
+    means = {}
+    for la in layers:
+        for s in range(steps):
+            mean, std = label_norm(acc, la, s)
+            means = dict(zip(props, mean, strict=True))
+            kinds = [PROPERTIES[p] for p in props]
+            if args.method == "ridge":
+                weight, bias, lams, info = solve_ridge(acc, la, s, DEFAULT_GRID)
+            else:
+                X = torch.cat(kept[la])[:, s]
+                Y = area_average(torch.cat(kept["labels"]).flatten(0, 0), shapes[la])
+                Y = Y.flatten(2).transpose(1, 2)  # [N, h·w, K]
+                scale = torch.tensor([1.0 if k == "mask" else v for k, v in zip(kinds, std, strict=True)])
+                shift = torch.tensor([0.0 if k == "mask" else v for k, v in zip(kinds, mean, strict=True)])
+                weight = fit_reference(X, (Y - shift) / scale, kinds, epochs=args.epochs).double() * scale
+                bias, lams, info = shift.double(), [math.nan] * len(props), {"epochs": args.epochs, "lr": 1e-3}
+            for k, prop in enumerate(props):
+                mask = PROPERTIES[prop] == "mask"
+                m, sd = (0.0, 1.0) if mask else (mean[k], std[k])
+                sigmoid = mask and args.method == "reference"  # the reference trains logits
+                bank.add(prop, la, s, (weight[:, k] / sd).float(), ((bias[k] - m) / sd).float().reshape(1),
+                         PROPERTIES[prop], sigmoid=sigmoid, mean=m, std=sd,
+                         fit={"method": args.method, "lambda": lams[k]} | {k2: v for k2, v in info.items()
+                                                                          if k2.startswith("n_")})
+    fit_s = time.perf_counter() - fit_started
+    train_means = {p: means[p] for p in props}
+
+    eval_started = time.perf_counter()
+    sums = evaluate(bank, test_src, test_src.ids, props, layers, steps, args.shard_size, d, train_means, progress)
+    rows = sums.rows()
+    for r in rows:
+        if r["layer"] != "baseline":
+            bank.probe(r["property"], r["layer"], r["step"]).metrics[r["metric"]] = r["value"]
+    eval_s = time.perf_counter() - eval_started
+    summary = {"job": job, "train_images": len(ids), "test_images": len(test_src.ids), "resumed_shards": resumed,
+               "world_size": d.world, "timings_s": {"extract": round(extract_s, 2), "fit": round(fit_s, 3),
+                                                    "evaluate": round(eval_s, 2)},
+               "baselines": {r["property"] + "/" + r["metric"]: r["value"] for r in rows if r["layer"] == "baseline"},
+               "best": best_probes(rows, props)}
+    if d.main:
+        bank.save(out / "bank.safetensors")
+        write_json(out / "metrics.json", {"rows": rows, "summary": summary})
+        write_csv(out / "metrics.csv", rows)
+    return summary
+
+
+def best_probes(rows: list[dict], props: list[str]) -> dict[str, dict]:
+    """Per property, the probe with the best primary metric at the last step."""
+    last = max(r["step"] for r in rows)
+    best = {}
+    for p in props:
+        metric = PRIMARY[PROPERTIES[p]]
+        cands = [r for r in rows if r["property"] == p and r["metric"] == metric and r["step"] == last
+                 and not math.isnan(r["value"])]
+        if cands:
+            top = max(cands, key=lambda r: r["value"])
+            best[p] = {"layer": top["layer"], "step": last, metric: top["value"]}
+    return best
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["property", "layer", "step", "metric", "value", "n_images", "n_undefined"])
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from ldmprobe.layers import UnknownLayerError
+    from ldmprobe.models import BackendUnavailableError, ModelSourceError
+
+    from .prompts import PromptFileError
+
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (JobError, PromptFileError, LabelError, ModelSourceError, BackendUnavailableError, UnknownLayerError) as exc:
+        print(f"training.fit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"training.fit: error: --{'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"bank": str(args.out / "bank.safetensors"), **summary["timings_s"], "best": summary["best"],
+                          "baselines": summary["baselines"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
