@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ldmprobe.atomic import atomic_path, write_json
-from ldmprobe.metrics import compute_all
 from ldmprobe.probes import ProbeBank
 
 from .labels import PROPERTIES, LabelError
