@@ -39,3 +39,20 @@ def sd14_meta_unet():
     config = {k: v for k, v in sd_v1_4_config("unet").items() if not k.startswith("_")}
     with torch.device("meta"):
         return UNet2DConditionModel(**config)
+
+
+@pytest.fixture(scope="session")
+def dpt_dir(tmp_path_factory):
+    """A random-init DPT depth model saved in transformers' format (real loading code path)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    path = tmp_path_factory.mktemp("dpt")
+    config = DPTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
+                       backbone_out_indices=[0, 1, 2, 3], num_attention_heads=4, intermediate_size=37,
+                       neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
+    import torch
+
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).save_pretrained(path)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(path)
+    return path

@@ -34,6 +34,7 @@ from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, to_tokens
 EXIT_USAGE = 2
 TEST_SEED_OFFSET = 1_000_000  # test scenes never share a seed with training scenes
 PRIMARY = {"mask": "dice", "continuous": "spearman"}
+METRICS = {"mask": ("dice", "pearson"), "continuous": ("spearman", "pearson", "rmse")}
 
 
 class JobError(Exception):
@@ -80,6 +81,27 @@ class Accumulator:
     steps: int
     props: list[str]
     stats: dict[tuple[str, str, int], RidgeStats] = field(default_factory=dict)
+    # Per property over every training pixel at image size: count, sum, sum of squares (float64).
+    moments: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.moments is None:
+            self.moments = torch.zeros(3, len(self.props), dtype=torch.float64)
+
+    def add_moments(self, labels: torch.Tensor) -> None:
+        """labels [N, K, H, W] at image size."""
+        y = labels.transpose(0, 1).reshape(len(self.props), -1).double()
+        self.moments += torch.stack([torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64),
+                                     y.sum(1), (y * y).sum(1)])
+
+    def label_norm(self) -> tuple[list[float], list[float]]:
+        """The global z-score of each target over all training pixels (the study's fixed depth
+        scaling): one mean and std per property, shared by every layer and step."""
+        n, total, squares = self.moments
+        if float(n.min()) == 0:
+            raise JobError("no training labels were seen")
+        mean = total / n
+        return mean.tolist(), (squares / n - mean**2).clamp_min(1e-12).sqrt().tolist()
 
     def get(self, split: str, layer: str, step: int) -> RidgeStats:
         key = (split, layer, step)
@@ -89,6 +111,7 @@ class Accumulator:
 
     def add_batch(self, batch, split_of: list[str], shapes: dict[str, tuple[int, int]]) -> None:
         labels = torch.stack([batch.labels[p] for p in self.props], dim=1)  # [N, K, H, W]
+        self.add_moments(labels)
         for layer, (h, w) in shapes.items():
             y_layer = area_average(labels, (h, w))  # exact for nearest upsampling, squared loss
             acts = batch.activations[layer]  # [N, S, h·w, C]
@@ -98,11 +121,15 @@ class Accumulator:
                     self.get(split, layer, s).add(acts[i, s].float(), y)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{sp}/{la}/{st}/{k}": v for (sp, la, st), rs in self.stats.items() for k, v in rs.state_dict().items()}
+        state = {f"{sp}/{la}/{st}/{k}": v for (sp, la, st), rs in self.stats.items() for k, v in rs.state_dict().items()}
+        return state | {"labels/moments": self.moments.clone()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         grouped: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
         for name, value in state.items():
+            if name == "labels/moments":
+                self.moments += value
+                continue
             sp, la, st, k = name.split("/")
             grouped.setdefault((sp, la, int(st)), {})[k] = value
         for key, part in grouped.items():
@@ -111,6 +138,7 @@ class Accumulator:
     def all_reduce(self, d: Dist, layers: list[str]) -> None:
         if d.world == 1:
             return
+        all_reduce_(self.moments, d)
         for split in ("train", "val"):  # every rank creates every key, so the calls line up
             for layer in layers:
                 for s in range(self.steps):
@@ -158,19 +186,6 @@ def solve_ridge(acc: Accumulator, layer: str, step: int, grid) -> tuple[torch.Te
     return weight, bias, lams, info
 
 
-def label_norm(acc: Accumulator, layer: str, step: int) -> tuple[list[float], list[float]]:
-    """Global z-score of each target over all training pixels (the study's fixed depth scaling)."""
-    total = RidgeStats(1, len(acc.props))
-    for split in ("train", "val"):
-        st = acc.get(split, layer, step)
-        total.n += st.n
-        total.sum_y += st.sum_y
-        total.yty += st.yty
-    mean = total.sum_y / total.n
-    var = (torch.diagonal(total.yty) / total.n - mean**2).clamp_min(1e-12)
-    return mean.tolist(), var.sqrt().tolist()
-
-
 def fit_reference(X: torch.Tensor, Y: torch.Tensor, kinds: list[str], epochs: int = 30, lr: float = 1e-3,
                   batch_images: int = 4, seed: int = 0) -> torch.Tensor:
     """The study's recipe for one (layer, step): a bias-free linear layer trained with Adam,
@@ -204,6 +219,11 @@ class MetricSums:
 
     def __init__(self):
         self.sums: dict[tuple[str, str, int, str], list[float]] = {}
+
+    def ensure(self, prop: str, layer: str, step: int, metric_names) -> None:
+        """Create entries up front so every rank all-reduces the same keys, even with no images."""
+        for metric in metric_names:
+            self.sums.setdefault((prop, layer, step, metric), [0.0, 0.0, 0.0])
 
     def add(self, prop: str, layer: str, step: int, per_image: dict[str, torch.Tensor]) -> None:
         for metric, values in per_image.items():
@@ -246,6 +266,12 @@ def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: 
     from tqdm.auto import tqdm
 
     sums = MetricSums()
+    for prop in props:
+        names = METRICS[PROPERTIES[prop]]
+        sums.ensure(prop, "baseline", -1, names)
+        for layer in layers:
+            for s in range(steps):
+                sums.ensure(prop, layer, s, names)
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     for shard in tqdm(shards[d.rank::d.world], desc="test", disable=not progress, unit="shard"):
         batch = source.batch(shard)
@@ -404,17 +430,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                split={"train": len(ids), "val_every": args.val_every, "test": len(test_src.ids)},
                                fit={"method": args.method})
     fit_started = time.perf_counter()
-    means = {}
+    if args.method == "reference":
+        acc.add_moments(torch.cat(kept["labels"]))
+    mean, std = acc.label_norm()
+    kinds = [PROPERTIES[p] for p in props]
     for la in layers:
         for s in range(steps):
-            mean, std = label_norm(acc, la, s)
-            means = dict(zip(props, mean, strict=True))
-            kinds = [PROPERTIES[p] for p in props]
             if args.method == "ridge":
                 weight, bias, lams, info = solve_ridge(acc, la, s, DEFAULT_GRID)
             else:
                 X = torch.cat(kept[la])[:, s]
-                Y = area_average(torch.cat(kept["labels"]).flatten(0, 0), shapes[la])
+                Y = area_average(torch.cat(kept["labels"]), shapes[la])
                 Y = Y.flatten(2).transpose(1, 2)  # [N, h·w, K]
                 scale = torch.tensor([1.0 if k == "mask" else v for k, v in zip(kinds, std, strict=True)])
                 shift = torch.tensor([0.0 if k == "mask" else v for k, v in zip(kinds, mean, strict=True)])
@@ -429,7 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          fit={"method": args.method, "lambda": lams[k]} | {k2: v for k2, v in info.items()
                                                                           if k2.startswith("n_")})
     fit_s = time.perf_counter() - fit_started
-    train_means = {p: means[p] for p in props}
+    train_means = dict(zip(props, mean, strict=True))
 
     eval_started = time.perf_counter()
     sums = evaluate(bank, test_src, test_src.ids, props, layers, steps, args.shard_size, d, train_means, progress)

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from training.labels import DepthModel, LabelError, LabelFiles, merge_labels, scene_labels
+from training.prompts import PromptFileError, load_prompts, study_split
+
+
+def test_study_splits_load_as_is():
+    train, test = load_prompts(study_split("train")), load_prompts(study_split("test"))
+    assert (len(train), len(test)) == (246, 371)
+    assert train[0].seed == 5107435 and train[0].id == "5229800" and train[0].prompt.startswith("Elle Fanning")
+    assert not {i.id for i in train} & {i.id for i in test}
+    assert len(load_prompts(study_split("train"), limit=5)) == 5
+
+
+def test_text_file_with_base_seed(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a lemon\n\n# not a prompt\nan orange\n")
+    items = load_prompts(f, base_seed=100)
+    assert [(i.id, i.prompt, i.seed) for i in items] == [("0", "a lemon", 100), ("1", "an orange", 101)]
+
+
+def test_any_csv_with_the_columns(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("seeds,prompts\n3,a cat\n4,a dog\n")
+    assert [(i.id, i.seed) for i in load_prompts(f)] == [("0", 3), ("1", 4)]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("a.csv", "prompt,seed\nx,1\n", "missing column(s) prompts, seeds"),
+    ("b.csv", "prompts,seeds\nx,one\n", "b.csv:2: seed 'one' is not an integer"),
+    ("c.csv", "prompts,seeds\nx,1\n,2\n", "c.csv:3: empty prompt"),
+    ("d.csv", "prompts,seeds\nx,-4\n", "d.csv:2: seed -4 out of range"),
+    ("e.csv", "prompts,seeds,prompt_inds\nx,1,7\ny,2,7\n", "duplicate prompt id '7'"),
+    ("f.txt", "\n# only comments\n", "f.txt: no prompts"),
+])
+def test_bad_prompt_files_name_file_and_line(tmp_path, name, text, message):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(PromptFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_prompts(f)
+
+
+def test_missing_and_binary_prompt_files(tmp_path):
+    with pytest.raises(PromptFileError, match="not found"):
+        load_prompts(tmp_path / "nope.csv")
+    bad = tmp_path / "bin.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(PromptFileError, match="not UTF-8"):
+        load_prompts(bad)
+
+
+def test_label_files_in_every_format(tmp_path):
+    (tmp_path / "foreground").mkdir()
+    (tmp_path / "depth").mkdir()
+    (tmp_path / "shading").mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 30:50] = 255
+    Image.fromarray(mask).save(tmp_path / "foreground" / "img1.png")
+    depth = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    np.save(tmp_path / "depth" / "img1.npy", depth)
+    save_file({"label": torch.full((64, 64), 0.25)}, str(tmp_path / "shading" / "img1.safetensors"))
+    source = LabelFiles(tmp_path)
+    assert source.properties == ("depth", "foreground", "shading")
+    out = source(torch.zeros(1, 3, 64, 64), ["img1"])
+    assert out["foreground"].shape == (1, 64, 64) and out["foreground"].sum() == 200
+    assert out["depth"].shape == (1, 64, 64) and abs(float(out["depth"].mean()) - 0.5) < 0.02  # resized to 64²
+    assert torch.all(out["shading"] == 0.25)
+    with pytest.raises(LabelError, match=r"no depth label for image 'img2': expected .*depth/img2.png"):
+        source(torch.zeros(1, 3, 64, 64), ["img2"])
+    (tmp_path / "depth" / "bad.npy").write_bytes(b"garbage")
+    with pytest.raises(LabelError, match="bad.npy: unreadable label file"):
+        LabelFiles(tmp_path, ("depth",))(torch.zeros(1, 3, 64, 64), ["bad"])
+    with pytest.raises(LabelError, match="unknown property 'albedo'"):
+        LabelFiles(tmp_path, ("albedo",))
+    with pytest.raises(LabelError, match="does not exist"):
+        LabelFiles(tmp_path / "nowhere")
+
+
+def test_depth_model_from_a_local_folder(dpt_dir):
+    model = DepthModel(dpt_dir)
+    images = torch.rand(2, 3, 96, 80)
+    out = model(images, ["a", "b"])
+    assert out["depth"].shape == (2, 96, 80) and torch.isfinite(out["depth"]).all()
+    a, b = out["depth"]
+    assert (a - b).abs().max() > 1e-3 * a.abs().max() > 0  # it looks at the image (random weights: tiny values)
+    with pytest.raises(LabelError, match="cannot load depth model"):
+        DepthModel("/no/such/dpt")
+
+
+def test_scene_labels_conventions():
+    from training.scenes import render_scene
+
+    scene = render_scene(3, (64, 64))
+    labels = scene_labels([scene])
+    assert torch.equal(labels["foreground"][0].bool(), torch.from_numpy(scene.mask))
+    # depth is inverse z-depth like MiDaS/DPT output: larger = nearer
+    np.testing.assert_allclose(labels["depth"][0].numpy(), 1.0 / scene.depth, rtol=1e-6)
+    assert torch.equal(labels["shading"][0], torch.from_numpy(scene.shading))
+    with pytest.raises(LabelError, match="comes from two label sources"):
+        merge_labels({"depth": labels["depth"]}, {"depth": labels["depth"]})
