@@ -280,3 +280,21 @@ def test_inputs_are_validated(monkeypatch):
         fit(s, RidgeStats(4, 1))
     with pytest.raises(ValueError, match="non-negative"):
         fit(s, lambdas=-1.0)
+
+
+def test_fit_at_gives_each_column_its_own_lambda():
+    from training.ridge import fit_at
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    Y = X @ torch.randn(6, 3, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(400, 3, generator=gen,
+                                                                                       dtype=torch.float64)
+    stats = RidgeStats(6, 3).add(X, Y)
+    lams = [1e-3, 10.0, 1e-3]
+    weight, bias = fit_at(stats, lams)
+    for k, lam in enumerate(lams):
+        single = fit(stats, None, lam)
+        torch.testing.assert_close(weight[:, k], single.weight[:, k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(bias[k], single.bias[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one lambda per column"):
+        fit_at(stats, [1.0])

@@ -29,7 +29,7 @@ from ldmprobe.atomic import atomic_path, write_json
 from ldmprobe.probes import ProbeBank
 
 from .labels import PROPERTIES, LabelError
-from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, to_tokens
+from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, fit_at, to_tokens
 
 EXIT_USAGE = 2
 TEST_SEED_OFFSET = 1_000_000  # test scenes never share a seed with training scenes
@@ -90,9 +90,9 @@ class Accumulator:
 
     def add_moments(self, labels: torch.Tensor) -> None:
         """labels [N, K, H, W] at image size."""
-        y = labels.transpose(0, 1).reshape(len(self.props), -1).double()
+        y = labels.transpose(0, 1).reshape(len(self.props), -1)
         self.moments += torch.stack([torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64),
-                                     y.sum(1), (y * y).sum(1)])
+                                     y.sum(1, dtype=torch.float64), y.square().sum(1, dtype=torch.float64)])
 
     def label_norm(self) -> tuple[list[float], list[float]]:
         """The global z-score of each target over all training pixels (the study's fixed depth
@@ -112,13 +112,16 @@ class Accumulator:
     def add_batch(self, batch, split_of: list[str], shapes: dict[str, tuple[int, int]]) -> None:
         labels = torch.stack([batch.labels[p] for p in self.props], dim=1)  # [N, K, H, W]
         self.add_moments(labels)
+        rows = {sp: [i for i, s in enumerate(split_of) if s == sp] for sp in ("train", "val")}
         for layer, (h, w) in shapes.items():
             y_layer = area_average(labels, (h, w))  # exact for nearest upsampling, squared loss
             acts = batch.activations[layer]  # [N, S, h·w, C]
-            for i, split in enumerate(split_of):
-                y = to_tokens(y_layer[i:i + 1])
+            for split, idx in rows.items():
+                if not idx:
+                    continue
+                y = to_tokens(y_layer[idx])  # one add per (split, layer, step) for the whole shard
                 for s in range(self.steps):
-                    self.get(split, layer, s).add(acts[i, s].float(), y)
+                    self.get(split, layer, s).add(acts[idx, s].reshape(-1, acts.shape[-1]), y)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"{sp}/{la}/{st}/{k}": v for (sp, la, st), rs in self.stats.items() for k, v in rs.state_dict().items()}
@@ -173,14 +176,8 @@ def solve_ridge(acc: Accumulator, layer: str, step: int, grid) -> tuple[torch.Te
     if val.n == 0:
         raise JobError("no validation images: use more training images or a smaller --val-every")
     chosen = fit(train, val, grid)
-    both = RidgeStats(train.C, train.K).merge(train).merge(val)
-    weight = torch.empty(train.C, train.K, dtype=torch.float64)
-    bias = torch.empty(train.K, dtype=torch.float64)
     lams = [float(v) for v in chosen.lam]
-    for lam in sorted(set(lams)):
-        refit = fit(both, None, (lam,))
-        cols = [k for k, v in enumerate(lams) if v == lam]
-        weight[:, cols], bias[cols] = refit.weight[:, cols], refit.bias[cols]
+    weight, bias = fit_at(RidgeStats(train.C, train.K).merge(train).merge(val), lams)
     info = {"lambda": lams, "val_mse": [float(v) for v in chosen.val_mse[chosen.lambdas.tolist().index(lams[0])]],
             "n_train_pixels": int(train.n), "n_val_pixels": int(val.n)}
     return weight, bias, lams, info

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_GRID", "RidgeFit", "RidgeStats", "area_average", "fit", "sse", "to_tokens"]
+__all__ = ["DEFAULT_GRID", "RidgeFit", "RidgeStats", "area_average", "fit", "fit_at", "sse", "to_tokens"]
 
 DEFAULT_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 7))
 # Rows converted to float64 at a time: bounds the temporary copy (~32 MB) whatever the chunk size.
@@ -213,6 +213,37 @@ class RidgeFit:
         return out
 
 
+def _solve_grid(train: RidgeStats, grid: torch.Tensor, relative: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Weights [L, C, K] and biases [L, K] for every λ of ``grid`` from one eigendecomposition."""
+    n = train.n
+    mx, my, xx, xy, _ = train.centred()
+    trace = float(xx.diagonal().sum())
+    scale = trace / (n * train.C) if relative and trace > 0 else 1.0
+
+    evals, Q = torch.linalg.eigh(xx)
+    # Round-off scale of entries of XcᵀXc, which come from raw sums of size diag(XᵀX).
+    tol = 100 * train.C * _EPS * float(train.xtx.diagonal().max().clamp_min(0))
+    evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
+    denom = evals + (grid * n * scale).unsqueeze(-1)  # [L, C]
+    inv = torch.where(denom > tol, 1 / denom, torch.zeros_like(denom))
+    W = Q @ (inv.unsqueeze(-1) * (Q.T @ xy))  # [L, C, K]
+    B = my - (mx.unsqueeze(-1) * W).sum(-2)  # [L, K]
+    return W, B, scale
+
+
+def fit_at(stats: RidgeStats, lam: Sequence[float], *, relative: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [C, K] and bias [K] with a given λ per column (e.g. the λ chosen on held-out
+    images, refitted on all images), from one eigendecomposition."""
+    lam = [float(v) for v in lam]
+    if len(lam) != stats.K:
+        raise ValueError(f"need one lambda per column (K={stats.K}), got {len(lam)}")
+    grid = sorted(set(lam))
+    W, B, _ = _solve_grid(stats, torch.tensor(grid, dtype=torch.float64, device=stats.device), relative)
+    idx = torch.tensor([grid.index(v) for v in lam], device=stats.device)
+    cols = torch.arange(stats.K, device=stats.device)
+    return W[idx, :, cols].T.contiguous(), B[idx, cols]
+
+
 def fit(
     train: RidgeStats,
     val: RidgeStats | None = None,
@@ -236,20 +267,8 @@ def fit(
         raise ValueError("val statistics have no rows")
 
     n = train.n
-    mx, my, xx, xy, _ = train.centred()
+    W, B, scale = _solve_grid(train, grid.to(train.device), relative)
     grid = grid.to(train.device)
-    trace = float(xx.diagonal().sum())
-    scale = trace / (n * train.C) if relative and trace > 0 else 1.0
-
-    evals, Q = torch.linalg.eigh(xx)
-    # Round-off scale of entries of XcᵀXc, which come from raw sums of size diag(XᵀX).
-    tol = 100 * train.C * _EPS * float(train.xtx.diagonal().max().clamp_min(0))
-    evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
-    denom = evals + (grid * n * scale).unsqueeze(-1)  # [L, C]
-    inv = torch.where(denom > tol, 1 / denom, torch.zeros_like(denom))
-    W = Q @ (inv.unsqueeze(-1) * (Q.T @ xy))  # [L, C, K]
-    B = my - (mx.unsqueeze(-1) * W).sum(-2)  # [L, K]
-
     cols = torch.arange(train.K, device=train.device)
     if val is None:
         val_mse, idx = None, torch.zeros(train.K, dtype=torch.long, device=train.device)
