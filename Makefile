@@ -15,8 +15,10 @@ SEED ?= 5107435
 STEPS ?= 15
 OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 COMPILE ?=
+BANK ?=
+BATCH_SIZE ?=
 
-.PHONY: install serve test test-fast bench lint clean
+.PHONY: install serve stop archives test test-fast bench lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +30,17 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# Until the TorchServe service lands, `serve` runs the CLI demo: generate one image with
-# in-graph capture of all 16 self-attention layers, per-step previews and the activation store.
+# TorchServe on 127.0.0.1 with the probe model (scripts/serve.sh): fits a small bank for `tiny`
+# when none exists, builds model_store/probe.mar, starts in the background, waits until the
+# worker is ready, prints a curl with the token. Real weights: make serve MODEL=/path BANK=/path.
 serve: install
-	$(BIN)/ldmprobe generate --model "$(MODEL)" --prompt "$(PROMPT)" --seed $(SEED) --steps $(STEPS) \
-		--layers all --previews --out "$(OUT)" $(if $(COMPILE),--compile --cache-dir .cache/inductor)
+	MODEL="$(MODEL)" BANK="$(BANK)" COMPILE="$(COMPILE)" BATCH_SIZE="$(BATCH_SIZE)" scripts/serve.sh start
+
+stop:
+	scripts/serve.sh stop
+
+archives: install
+	MODEL="$(MODEL)" BANK="$(BANK)" COMPILE="$(COMPILE)" BATCH_SIZE="$(BATCH_SIZE)" scripts/serve.sh archives
 
 test: install
 	$(BIN)/python -m pytest

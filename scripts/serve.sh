@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Start / stop the TorchServe service of the probe model (what `make serve` / `make stop` run).
+#
+#   scripts/serve.sh start      fit a tiny bank if needed, build the archive, start TorchServe on
+#                               127.0.0.1 in the background, wait until the model is ready, print a curl
+#   scripts/serve.sh stop       stop it (by PID) and wait for it to exit
+#   scripts/serve.sh archives   only fit the bank (if needed) and build model_store/probe.mar
+#   scripts/serve.sh status
+#
+# Environment: MODEL (tiny | SD folder | hub id), BANK (probe bank file; for tiny, default
+# runs/tiny-bank/bank.safetensors, fitted when absent), COMPILE, BATCH_SIZE (see build_archives.sh),
+# STARTUP_WAIT (s, default 1200). State lives in runs/serve/: torchserve.pid, key_file.json
+# (the tokens), logs/, tmp/ (TorchServe's temp dir: worker sockets, unpacked archives).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV_BIN=$ROOT/.venv/bin
+STATE=$ROOT/runs/serve
+PIDFILE=$STATE/torchserve.pid
+MODEL=${MODEL:-tiny}
+BANK=${BANK:-}
+TINY_BANK=$ROOT/runs/tiny-bank/bank.safetensors
+CONFIG=$ROOT/config.properties
+# Workers must run the venv's python; one inductor cache for the whole clone.
+export PATH=$VENV_BIN:$PATH
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}
+
+prop() { sed -n "s/^$1=//p" "$CONFIG" | tail -1; }
+INFERENCE=$(prop inference_address)
+MANAGEMENT=$(prop management_address)
+
+running_pid() {
+    [[ -f $PIDFILE ]] || return 1
+    local pid
+    pid=$(cat "$PIDFILE")
+    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q org.pytorch.serve.ModelServer; then
+        echo "$pid"
+    else
+        return 1
+    fi
+}
+
+key() {  # key <inference|management>
+    "$VENV_BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["key"])' \
+        "$STATE/key_file.json" "$1"
+}
+
+archives() {
+    if [[ -z $BANK && $MODEL == tiny ]]; then
+        BANK=$TINY_BANK
+        if [[ ! -f $BANK ]]; then
+            echo "serve: fitting a small probe bank for the tiny model (about a minute) → $BANK"
+            "$VENV_BIN/python" -m training.fit --model tiny --scenes 48 --test-scenes 8 \
+                --out "$(dirname "$BANK")" --no-progress
+        fi
+    fi
+    MODEL=$MODEL BANK=$BANK PYTHON=$VENV_BIN/python scripts/build_archives.sh
+}
+
+example() {
+    cat <<EOF
+curl -s -H "Authorization: Bearer $(key inference)" -H "Content-Type: application/json" \\
+     $INFERENCE/predictions/probe \\
+     -d '{"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": 15, "return_steps": [3, 14]}'
+EOF
+}
+
+wait_ready() {
+    local pid=$1 deadline=$((SECONDS + ${STARTUP_WAIT:-1200})) status=""
+    echo -n "serve: waiting for the probe worker (load, compile, warm-up)"
+    while ((SECONDS < deadline)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo; echo "serve: TorchServe exited during start-up; last log lines:" >&2
+            tail -n 40 "$STATE/logs/ts_log.log" >&2 || true
+            return 1
+        fi
+        if [[ -f $STATE/key_file.json ]]; then
+            status=$(curl -s -H "Authorization: Bearer $(key management)" "$MANAGEMENT/models/probe" |
+                "$VENV_BIN/python" -c 'import json, sys
+try: print(json.load(sys.stdin)[0]["workers"][0]["status"])
+except Exception: print("")' || true)
+            if [[ $status == READY ]]; then echo " ready"; return 0; fi
+        fi
+        echo -n "."
+        sleep 3
+    done
+    echo; echo "serve: the worker was not ready after ${STARTUP_WAIT:-1200} s (status: ${status:-none}); see $STATE/logs" >&2
+    return 1
+}
+
+start() {
+    local pid
+    if pid=$(running_pid); then
+        echo "serve: TorchServe already running (PID $pid); 'make stop' first to restart it. Try:"
+        example
+        return 0
+    fi
+    archives
+    rm -rf "$STATE/tmp" "$STATE/key_file.json"
+    mkdir -p "$STATE/logs" "$STATE/tmp"
+    # TEMP/TMPDIR private to this instance: TorchServe keeps its PID file, worker sockets and
+    # unpacked archives there, so another TorchServe on the machine does not collide with it.
+    (cd "$STATE" && TEMP=$STATE/tmp TMPDIR=$STATE/tmp LOG_LOCATION=$STATE/logs METRICS_LOCATION=$STATE/logs \
+        torchserve --start --ncs --ts-config "$CONFIG" --model-store "$ROOT/model_store" --models probe=probe.mar \
+        >"$STATE/logs/launcher.log" 2>&1)
+    for _ in $(seq 50); do [[ -s $STATE/tmp/.model_server.pid ]] && break; sleep 0.2; done
+    pid=$(cat "$STATE/tmp/.model_server.pid")
+    echo "$pid" >"$PIDFILE"
+    echo "serve: TorchServe started (PID $pid, logs in runs/serve/logs, tokens in runs/serve/key_file.json)"
+    wait_ready "$pid" || { stop; return 1; }
+    echo "serve: probe model ready at $INFERENCE/predictions/probe. Try:"
+    example
+    echo "serve: (the inference token expires after 60 min by default; 'make stop && make serve' issues new ones)"
+}
+
+stop() {
+    local pid
+    if ! pid=$(running_pid); then
+        echo "serve: not running"
+        rm -f "$PIDFILE"
+        return 0
+    fi
+    kill -TERM "$pid"
+    for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "serve: PID $pid did not stop within 60 s; sending SIGKILL" >&2
+        kill -KILL "$pid"
+    fi
+    rm -f "$PIDFILE"
+    echo "serve: stopped (PID $pid)"
+}
+
+case "${1:-start}" in
+    start) start ;;
+    stop) stop ;;
+    archives) archives ;;
+    status) if pid=$(running_pid); then echo "running (PID $pid)"; else echo "not running"; exit 1; fi ;;
+    *) echo "usage: $0 start|stop|archives|status" >&2; exit 2 ;;
+esac
