@@ -18,7 +18,7 @@ COMPILE ?=
 BANK ?=
 BATCH_SIZE ?=
 
-.PHONY: install serve stop archives test test-fast bench lint clean
+.PHONY: install serve stop archives demo test test-fast bench lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ stop:
 
 archives: install
 	MODEL="$(MODEL)" BANK="$(BANK)" COMPILE="$(COMPILE)" BATCH_SIZE="$(BATCH_SIZE)" scripts/serve.sh archives
+
+# The CLI demo: one generation with in-graph capture of all 16 self-attention layers, per-step
+# previews and the activation store (PROMPT, SEED, STEPS, OUT, COMPILE=1).
+demo: install
+	$(BIN)/ldmprobe generate --model "$(MODEL)" --prompt "$(PROMPT)" --seed $(SEED) --steps $(STEPS) \
+		--layers all --previews --out "$(OUT)" $(if $(COMPILE),--compile --cache-dir .cache/inductor)
 
 test: install
 	$(BIN)/python -m pytest
