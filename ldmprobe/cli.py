@@ -49,6 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--previews", action="store_true", help="also decode and save every step's latent")
     g.add_argument("--no-progress", action="store_true")
 
+    c = sub.add_parser("classify", help="classify every denoising step's decoded image with VGG-16 (table + figure)")
+    _add_model_args(c)
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=15)
+    c.add_argument("--guidance", type=float, default=7.5)
+    c.add_argument("--height", type=int, default=None, help="pixels (model default: 512 for SD v1.4, 128 for tiny)")
+    c.add_argument("--width", type=int, default=None)
+    c.add_argument("--scheduler", default="lms")
+    c.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+    c.add_argument("--decoder", default="vae", help="vae (the model's VAE) or tiny (AutoencoderTiny / TAESD)")
+    c.add_argument("--tiny-decoder", default=None,
+                   help="AutoencoderTiny folder or hub id (default madebyollin/taesd), or `random` (tests only)")
+    c.add_argument("--decode", default="latent", help="latent (the current latent, as the study) or x0 (predicted)")
+    c.add_argument("--classifier", default=None,
+                   help="VGG-16 weights: safetensors / torchvision .pth file, folder or hub id "
+                        "(default timm/vgg16.tv_in1k), or `random` (tests only)")
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--target", default=None, help="target class: index, WordNet id or name (e.g. lemon)")
+    c.add_argument("--batch-size", type=int, default=8, help="images per decoder / classifier call")
+    c.add_argument("--previews", action="store_true", help="also save every step's decoded image")
+    c.add_argument("--no-progress", action="store_true")
+
     l_ = sub.add_parser("layers", help="print the self-attention layer registry of a model")
     _add_model_args(l_)
     l_.add_argument("--height", type=int, default=None)
@@ -112,6 +135,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_CLASSIFY_FLAGS = {"target_class": "target", "top_k": "top-k"}
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import csv
+
+    from .atomic import atomic_path, save_image, write_json
+    from .classify import (
+        DEFAULT_CLASSIFIER,
+        DEFAULT_TINY_DECODER,
+        RANDOM,
+        ClassifyRequest,
+        StepClassifier,
+        load_vgg16,
+        make_decoder,
+        plot_classification,
+    )
+    from .generate import Sampler, to_pil
+    from .models import load_model
+    from .schemas import first_error
+
+    try:
+        req = ClassifyRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                              height=args.height, width=args.width, scheduler=args.scheduler,
+                              decoder=args.decoder, decode=args.decode, top_k=args.top_k,
+                              target_class=args.target, previews=args.previews)
+    except ValidationError as exc:
+        field, msg = first_error(exc)
+        raise UsageError(f"--{_CLASSIFY_FLAGS.get(field, field.replace('_', '-'))}: {msg}") from None
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.tiny_decoder is not None and req.decoder != "tiny":
+        raise UsageError("--tiny-decoder: only used with --decoder tiny")
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out: {out} exists and is not an empty folder (nothing was overwritten)")
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    # weights before the generation: a missing file fails in seconds, not after the denoising loop
+    decoder = make_decoder(model, req.decoder, args.tiny_decoder or DEFAULT_TINY_DECODER)
+    classifier = load_vgg16(args.classifier or DEFAULT_CLASSIFIER, model.device, model.dtype)
+    runner = StepClassifier(decoder, classifier, batch_size=args.batch_size)
+    result = runner.classify_generation(Sampler(model), [req.prompt], [req.seed], req.settings(), decode=req.decode,
+                                        targets=req.target_class, top_k=req.top_k, keep_previews=True,
+                                        progress=not args.no_progress)[0]
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result.rows()
+    with atomic_path(out / "steps.csv") as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json(out / "steps.json", result.response().model_dump(mode="json"))
+    plot_classification(result, out / "classification.png")
+    save_image(to_pil(result.image[None])[0], out / "image.png")
+    if args.previews:
+        for i, img in enumerate(to_pil(result.previews)):
+            save_image(img, out / "previews" / f"step_{i:03d}.png")
+    stats = result.statistics()
+    final = result.steps()[-1].top[0]
+    line = f"wrote {out / 'classification.png'}; last step top-1: {final.name} ({final.probability:.3f})"
+    if result.target is not None:
+        line += (f"; target {result.target.name}: first top-1 at step {stats['first_top1_step']}, "
+                 f"first > {result.threshold:.0%} at step {stats['first_confident_step']}")
+    if RANDOM in (classifier.source, decoder.source):
+        line += " [random weights: not a result]"
+    print(line)
+    return 0
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     from .models import load_model
 
@@ -122,14 +215,16 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .classify import ClassifyError
     from .layers import UnknownLayerError
     from .models import BackendUnavailableError, ModelSourceError
 
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "layers": cmd_layers}
+    handlers = {"generate": cmd_generate, "classify": cmd_classify, "layers": cmd_layers}
     try:
         return handlers[args.command](args)
-    except (UsageError, ModelSourceError, BackendUnavailableError, UnknownLayerError, ValueError) as exc:
+    except (UsageError, ModelSourceError, BackendUnavailableError, UnknownLayerError, ClassifyError,
+            ValueError) as exc:
         print(f"ldmprobe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
