@@ -57,7 +57,10 @@ def server_config(committed: Path, store: Path, ports: dict[str, int]) -> str:
     override = {"inference_address": f"http://127.0.0.1:{ports['inference']}",
                 "management_address": f"http://127.0.0.1:{ports['management']}",
                 "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
-                "model_store": str(store), "initial_worker_port": str(ports["worker"])}
+                "model_store": str(store), "initial_worker_port": str(ports["worker"]),
+                # gRPC is unused but always bound: free ports, or two servers collide on 7070/7071.
+                "grpc_inference_port": str(ports.get("grpc_inference") or free_port()),
+                "grpc_management_port": str(ports.get("grpc_management") or free_port())}
     lines = []
     for line in committed.read_text().splitlines():
         key = line.split("=", 1)[0].strip()
