@@ -23,6 +23,7 @@ TINY_BANK=$ROOT/runs/tiny-bank/bank.safetensors
 CONFIG=$ROOT/config.properties
 # Workers must run the venv's python; one inductor cache for the whole clone.
 export PATH=$VENV_BIN:$PATH
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}
 
 prop() { sed -n "s/^$1=//p" "$CONFIG" | tail -1; }

@@ -94,6 +94,8 @@ class Server:
         tmp = self.root / "tmp"
         return os.environ | {
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",  # workers run the venv's python
+            # ... and import the ldmprobe of this checkout (a worktree's, not the editable install's)
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
             "TEMP": str(tmp), "TMPDIR": str(tmp),
             "LOG_LOCATION": str(self.root / "logs"), "METRICS_LOCATION": str(self.root / "logs"),
             "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor")),
