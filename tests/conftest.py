@@ -56,3 +56,18 @@ def dpt_dir(tmp_path_factory):
     DPTForDepthEstimation(config).save_pretrained(path)
     DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(path)
     return path
+
+
+SCENE_BANK_STEPS = 6  # the scene bank's schedule: LMS, 6 steps (short, so the fit takes ~30 s)
+
+
+@pytest.fixture(scope="session")
+def scene_bank(tmp_path_factory):
+    """A probe bank of the tiny model fitted by the training job on rendered scenes (noised mode),
+    foreground + depth on all 16 layers, LMS with SCENE_BANK_STEPS steps."""
+    from training.fit import main
+
+    out = tmp_path_factory.mktemp("scene_bank") / "run"
+    assert main(["--scenes", "12", "--test-scenes", "4", "--properties", "foreground,depth",
+                 "--steps", str(SCENE_BANK_STEPS), "--out", str(out), "--no-progress"]) == 0
+    return out / "bank.safetensors"

@@ -1,0 +1,251 @@
+"""Intervention: the warp, the exact batched Adam, the success measures, and the known answer on
+the tiny model with a bank fitted on rendered scenes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SCENE_BANK_STEPS
+
+from ldmprobe import intervene as iv
+from ldmprobe.probes import Probe, ProbeBank
+from ldmprobe.schemas import GenerationSettings
+
+PROMPT, SEED = "a red apple on a wooden table", 5107435
+
+
+# --- the target warp -------------------------------------------------------------------------------
+def _square(h=32, w=32, top=8, left=6, size=10):
+    m = torch.zeros(h, w)
+    m[top:top + size, left:left + size] = 1
+    return m
+
+
+@pytest.mark.parametrize(("dx", "dy"), [(4, 0), (0, -3), (5, 7), (-6, 2)])
+def test_integer_translation_moves_the_mask_and_fills_background(dx, dy):
+    mask = _square()
+    theta = iv.affine_theta(iv.translation(dx, dy), 32, 32)
+    moved = iv.transform_maps(mask[None], theta, fill=0.0)[0]
+    expected = _square(top=8 + dy, left=6 + dx)
+    torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
+
+
+def test_translation_is_resolution_independent():
+    """One theta serves every layer: a 16 px shift at 128 px is a 2-cell shift at 16×16."""
+    theta = iv.affine_theta(iv.translation(16, 0), 128, 128)
+    coarse = torch.zeros(16, 16)
+    coarse[4:8, 3:7] = 1
+    moved = iv.transform_maps(coarse[None], theta, fill=0.0)[0]
+    expected = torch.zeros(16, 16)
+    expected[4:8, 5:9] = 1
+    torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
+
+
+def test_border_fill_for_depth_and_identity_and_singular_affine():
+    depth = torch.linspace(0, 1, 16).repeat(16, 1)
+    theta = iv.affine_theta(iv.translation(4, 0), 16, 16)
+    moved = iv.transform_maps(depth[None], theta, fill=None)[0]
+    assert torch.allclose(moved[:, :4], depth[:, :1].expand(16, 4))  # uncovered: nearest border value
+    torch.testing.assert_close(moved[:, 4:], depth[:, :12])
+    same = iv.transform_maps(depth[None], iv.affine_theta(iv.translation(0, 0), 16, 16), fill=0.0)[0]
+    torch.testing.assert_close(same, depth)
+    assert iv.is_identity(iv.translation(0, 0)) and not iv.is_identity(iv.translation(1, 0))
+    with pytest.raises(iv.InterventionError, match="singular"):
+        iv.affine_theta([[0, 0, 1], [0, 0, 1]], 16, 16)
+
+
+def test_resize_mask_area_averages_when_shrinking():
+    mask = torch.zeros(8, 8)
+    mask[:4, :2] = 1
+    small = iv.resize_mask(mask, 2, 2)
+    torch.testing.assert_close(small, torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+
+
+# --- the optimiser ----------------------------------------------------------------------------------
+def _targets(loss: str, shapes: dict[str, tuple[int, int]], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    acts, targets = {}, []
+    for layer, (hw, c) in shapes.items():
+        acts[layer] = torch.randn(hw, c, generator=gen)
+        sig = loss == "bce"
+        probe = Probe("foreground", layer, 0, torch.randn(c, 1, generator=gen) / c**0.5, torch.randn(1, generator=gen),
+                      "mask" if loss != "huber" else "continuous", sig, (0.0,), (1.0,))
+        goal = (torch.rand(hw, generator=gen) > 0.5).float() if sig else torch.randn(hw, generator=gen) * 2
+        targets.append(iv.LayerTarget(layer, probe, goal, loss))
+    return acts, targets
+
+
+SHAPES = {"dec2.0": (16, 48), "dec2.1": (16, 48), "dec3.0": (64, 24), "dec4.0": (256, 12), "dec4.1": (256, 12)}
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse", "huber"])
+def test_batched_exact_adam_equals_the_one_layer_at_a_time_reference(loss):
+    """The factored-moment Adam over stacked layers follows torch.optim.Adam on each layer alone."""
+    acts, targets = _targets(loss, SHAPES)
+    ours = iv.optimise(acts, targets, lr=5e-3, iterations=64)
+    ref = iv.optimise_reference(acts, targets, lr=5e-3, iterations=64)
+    for layer in SHAPES:
+        torch.testing.assert_close(ours.activations[layer], ref.activations[layer], atol=2e-5, rtol=1e-5)
+        assert ours.final_loss[layer] == pytest.approx(ref.final_loss[layer], rel=1e-4, abs=1e-7)
+        assert ours.initial_loss[layer] == pytest.approx(ref.initial_loss[layer], rel=1e-6)
+        assert ours.final_loss[layer] < ours.initial_loss[layer]
+    for layer, value in acts.items():  # inputs untouched
+        assert not torch.equal(value, ours.activations[layer])
+
+
+@pytest.mark.slow
+def test_compiled_adam_step_equals_eager():
+    acts, targets = _targets("bce", SHAPES, seed=3)
+    eager = iv.optimise(acts, targets, iterations=16)
+    compiled = iv.optimise(acts, targets, iterations=16, compiled=True)
+    for layer in SHAPES:
+        torch.testing.assert_close(compiled.activations[layer], eager.activations[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_own_target_is_an_exact_no_op():
+    acts, targets = _targets("mse", {"dec4.0": (64, 8)})
+    own = [iv.LayerTarget(t.layer, t.probe, t.target, t.loss, own=acts[t.layer]) for t in targets]
+    out = iv.optimise(acts, own, iterations=32)
+    assert torch.equal(out.activations["dec4.0"], acts["dec4.0"])
+    assert out.final_loss["dec4.0"] == 0.0
+
+
+def test_bce_needs_a_sigmoid_probe():
+    probe = Probe("foreground", "dec4.0", 0, torch.zeros(4, 1), torch.zeros(1), "mask", False, (0.0,), (1.0,))
+    assert iv.resolve_loss(probe) == "mse"
+    with pytest.raises(iv.InterventionError, match="sigmoid") as err:
+        iv.resolve_loss(probe, "bce")
+    assert err.value.field == "loss"
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+def test_measure_known_shift():
+    """A mask moved exactly as asked: Dice 1 to the target, the full shift achieved, and pixels
+    outside both masks untouched."""
+    original = _square(64, 64, top=20, left=10, size=12)
+    target = _square(64, 64, top=24, left=18, size=12)
+    img0 = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    img1 = img0.clone()
+    region = (original + target) > 0
+    img1[:, region] = 1 - img1[:, region]
+    lat = torch.randn(4, 8, 8)
+    out = iv.measure("foreground", original, target.clone(), target, img0, img1, lat, lat + 0.1,
+                     iv.translation(8, 4))
+    assert out["dice_to_target"] == 1.0
+    assert out["dice_baseline"] == pytest.approx(2 * 8 * 4 / (2 * 144), abs=1e-3)  # overlap 8×4 of two 12×12
+    assert out["shift_requested_px"] == [8.0, 4.0] and out["shift_achieved_px"] == [8.0, 4.0]
+    assert out["shift_fraction"] == 1.0
+    assert out["pixel_change"]["outside"] == 0.0 and out["pixel_change"]["inside"] > 0.2
+    assert out["latent_change"] == pytest.approx(float(0.1 * 16 / lat.norm()), rel=1e-3)
+
+
+def test_shift_range():
+    assert iv.shift_range("-8:8:4") == [-8, -4, 0, 4, 8]
+    for bad in ("1:2", "a:b:c", "4:0:1", "0:4:0", "0:1000:1"):
+        with pytest.raises(iv.InterventionError):
+            iv.shift_range(bad)
+
+
+# --- the run on the tiny model ------------------------------------------------------------------------
+SETTINGS = GenerationSettings(steps=SCENE_BANK_STEPS)
+EDIT_STEPS = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def runner(sampler, scene_bank, tiny):
+    return iv.Intervention(sampler, ProbeBank.load(scene_bank, tiny))
+
+
+@pytest.fixture(scope="module")
+def shifted(runner):
+    return runner.run(PROMPT, SEED, iv.InterventionSpec(dx=32, dy=0, edit_steps=EDIT_STEPS), SETTINGS)
+
+
+def test_known_answer_probe_mask_moves_toward_the_target(shifted, runner):
+    """Tiny model, bank fitted on rendered scenes: after the edit, the edited layers' own probes
+    read the target from the representation the forward used, far closer to it than the
+    unedited row's. (The random-weight U-Net's probe masks of a generation are nearly all or
+    nothing, so the shift is scored by RMSE; the user mask, a square, by Dice.)"""
+    rep = shifted.success["representation"]
+    assert rep["step"] == EDIT_STEPS[-1]
+    assert rep["rmse_to_target"] < 0.25 * rep["rmse_baseline"]
+    assert rep["dice_to_target"] >= rep["dice_baseline"]
+    for layer, values in rep["layers"].items():
+        assert values["rmse_to_target"] < values["rmse_baseline"], layer
+    for step, per_layer in shifted.losses.items():
+        assert all(v["final"] < v["initial"] for v in per_layer.values()), step
+    assert shifted.layers == list(iv.DEFAULT_LAYERS["foreground"])
+    assert shifted.edit_steps == EDIT_STEPS
+
+    square = torch.zeros(128, 128)
+    square[16:64, 64:112] = 1
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(target_mask=square, edit_steps=EDIT_STEPS), SETTINGS)
+    rep = out.success["representation"]
+    assert rep["dice_to_target"] > rep["dice_baseline"] + 0.3
+    assert rep["rmse_to_target"] < 0.5 * rep["rmse_baseline"]
+    torch.testing.assert_close(out.target_map, square)
+
+
+def test_shift_changes_the_image_and_reports_the_measures(shifted):
+    s = shifted.success
+    assert s["latent_change"] > 1e-3  # the edit reached the latents
+    assert float((shifted.edited - shifted.original).abs().max()) > 1e-3
+    assert 0 <= s["dice_to_target"] <= 1 and 0 <= s["dice_baseline"] <= 1
+    assert s["shift_requested_px"] is None or len(s["shift_requested_px"]) == 2
+    assert set(s["pixel_change"]) == {"outside", "inside", "all", "outside_fraction_of_image"}
+    assert shifted.original.shape == shifted.edited.shape == (3, 128, 128)
+    assert shifted.target_map.shape == shifted.original_map.shape == (128, 128)
+    # the target is the unedited final mask moved right by 32 px
+    expected = iv.transform_maps(shifted.original_map[None], iv.affine_theta(iv.translation(32, 0), 128, 128), 0.0)[0]
+    torch.testing.assert_close(shifted.target_map, expected)
+
+
+def test_zero_shift_leaves_the_image_unchanged(runner):
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(dx=0, dy=0, edit_steps=EDIT_STEPS), SETTINGS)
+    assert torch.equal(out.edited, out.original)
+    assert out.success["latent_change"] == 0.0
+    assert out.success["dice_to_target"] in (1.0, None)
+    assert all(v["final"] == v["initial"] == 0.0 for d in out.losses.values() for v in d.values())
+
+
+def test_depth_variant(runner):
+    depth = runner.run(PROMPT, SEED, iv.InterventionSpec(property="depth", dx=-24, iterations=64), SETTINGS)
+    rep = depth.success["representation"]
+    assert len(depth.layers) == 16 and depth.edit_steps == [0, 1, 2]
+    assert rep["rmse_to_target"] < rep["rmse_baseline"]
+    assert set(depth.success) >= {"rmse_to_target", "rmse_baseline", "pearson_to_target", "pearson_baseline"}
+    assert all(v["final"] < v["initial"] for d in depth.losses.values() for v in d.values())
+    assert set(depth.metadata["loss"].values()) == {"huber"}
+
+
+def test_label_model_is_run_on_both_images(sampler, scene_bank, tiny):
+    seen = []
+
+    def saliency(images):
+        seen.append(images.shape)
+        return images.mean(1)  # any map in [0, 1]
+
+    runner = iv.Intervention(sampler, ProbeBank.load(scene_bank, tiny), label_model=saliency)
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(dx=16, edit_steps=[0], iterations=8), SETTINGS)
+    assert seen == [(2, 3, 128, 128)]
+    assert set(out.success["label_model"]) == {"dice_to_target", "dice_baseline"}
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    (iv.InterventionSpec(layers=["dec9.9"]), "layers"),
+    (iv.InterventionSpec(edit_steps=[0, SCENE_BANK_STEPS]), "edit_steps"),
+    (iv.InterventionSpec(edit_steps=[]), "edit_steps"),
+    (iv.InterventionSpec(property="depth", target_mask=torch.zeros(128, 128)), "target_mask"),
+    (iv.InterventionSpec(property="shading"), "property"),
+    (iv.InterventionSpec(loss="bce"), "loss"),
+    (iv.InterventionSpec(lr=-1.0), "lr"),
+    (iv.InterventionSpec(lr=math.nan), "lr"),
+    (iv.InterventionSpec(affine=[[0, 0, 0], [0, 0, 0]]), "affine"),
+    (iv.InterventionSpec(eval_layer="dec9.9"), "eval_layer"),
+])
+def test_bad_specs_name_the_field(runner, spec, field):
+    with pytest.raises(iv.InterventionError) as err:
+        runner.resolve(spec, SETTINGS)
+    assert err.value.field == field
