@@ -72,6 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--previews", action="store_true", help="also save every step's decoded image")
     c.add_argument("--no-progress", action="store_true")
 
+    i = sub.add_parser("intervene", help="move the foreground object by editing activations through the probes "
+                                         "(PNG panel; --sweep: GIF)")
+    _add_model_args(i)
+    i.add_argument("--bank", required=True, type=Path, help="probe bank file (safetensors) fitted for this model")
+    i.add_argument("--prompt", required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--steps", type=int, default=15)
+    i.add_argument("--guidance", type=float, default=7.5)
+    i.add_argument("--height", type=int, default=None)
+    i.add_argument("--width", type=int, default=None)
+    i.add_argument("--scheduler", default="lms")
+    i.add_argument("--property", default="foreground", help="foreground (default) or depth")
+    i.add_argument("--dx", type=float, default=0.0, help="shift right by this many pixels (negative: left)")
+    i.add_argument("--dy", type=float, default=0.0, help="shift down by this many pixels (negative: up)")
+    i.add_argument("--target-mask", type=Path, default=None, help="PNG target mask, the image's size (foreground)")
+    i.add_argument("--layers", default=None, help="comma-separated layers / groups (default: dec2–dec4 for "
+                                                 "foreground, all for depth)")
+    i.add_argument("--edit-steps", default=None, help="comma-separated step indices (default 0-4 / 0-2 for depth)")
+    i.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-3, the study's)")
+    i.add_argument("--iterations", type=int, default=None, help="Adam iterations per step (default 128)")
+    i.add_argument("--loss", default="auto", help="auto, bce, mse or huber")
+    i.add_argument("--eval-layer", default=None, help="layer whose probe scores the result (default: the bank's best)")
+    i.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
+                   help="also run every dx in this range (pixels) and write sweep.gif + sweep.json")
+    i.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+    i.add_argument("--compile", action="store_true", help="torch.compile the U-Net and the Adam step")
+    i.add_argument("--cache-dir", type=Path, default=None)
+    i.add_argument("--no-progress", action="store_true")
+
     l_ = sub.add_parser("layers", help="print the self-attention layer registry of a model")
     _add_model_args(l_)
     l_.add_argument("--height", type=int, default=None)
@@ -205,6 +234,129 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps_list(text: str | None) -> list[int] | None:
+    """"0,1,2" or "0-4" (inclusive) or a mix → step indices."""
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise UsageError(f"--edit-steps: expected step indices like 0,1,2 or 0-4, got {text!r}") from None
+    return out
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    import base64
+
+    import torch
+
+    from .atomic import save_image, write_json
+    from .generate import Sampler, to_pil
+    from .intervene import Intervention, InterventionError, shift_range
+    from .intervene_figures import plot_panel, write_sweep_gif
+    from .intervene_schema import InterveneRequest
+    from .models import load_model
+    from .probes import ProbeBank
+    from .schemas import first_error
+
+    mask_b64 = None
+    if args.target_mask is not None:
+        if not args.target_mask.is_file():
+            raise UsageError(f"--target-mask: {args.target_mask} is not a file")
+        mask_b64 = base64.b64encode(args.target_mask.read_bytes()).decode("ascii")
+    fields = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "height": args.height, "width": args.width, "scheduler": args.scheduler, "property": args.property,
+              "dx": args.dx, "dy": args.dy, "target_mask": mask_b64, "loss": args.loss, "eval_layer": args.eval_layer,
+              "edit_steps": _steps_list(args.edit_steps),
+              "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()]}
+    if args.lr is not None:
+        fields["lr"] = args.lr
+    if args.iterations is not None:
+        fields["iterations"] = args.iterations
+    try:
+        req = InterveneRequest(**fields)
+    except ValidationError as exc:
+        field, msg = first_error(exc)
+        raise UsageError(f"--{field.replace('_', '-') if field != 'request' else 'dx/--dy/--target-mask'}: {msg}") from None
+    shifts = shift_range(args.sweep) if args.sweep else []
+    if shifts and req.target_mask is not None:
+        raise UsageError("--sweep: shifts dx; it cannot be combined with --target-mask")
+    if not args.bank.is_file():
+        raise UsageError(f"--bank: {args.bank} is not a file")
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out: {out} exists and is not an empty folder (nothing was overwritten)")
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    bank = ProbeBank.load(args.bank, model)
+    runner = Intervention(Sampler(model, compile=args.compile, cache_dir=args.cache_dir), bank)
+    spec, settings = req.spec(), req.settings()
+    if spec.target_mask is not None:
+        size = (settings.height or model.default_size, settings.width or model.default_size)
+        if tuple(spec.target_mask.shape) != size:
+            raise UsageError(f"--target-mask: must be {size[1]}×{size[0]} pixels (the image), got "
+                             f"{spec.target_mask.shape[1]}×{spec.target_mask.shape[0]}")
+    try:
+        runner.resolve(spec, settings)
+    except InterventionError as exc:
+        raise UsageError(f"--{exc.field.replace('_', '-')}: {exc}") from None
+    result = runner.run(req.prompt, req.seed, spec, settings, progress=not args.no_progress)
+
+    out.mkdir(parents=True, exist_ok=True)
+    original, edited = to_pil(torch.stack([result.original, result.edited]))
+    save_image(original, out / "original.png")
+    save_image(edited, out / "edited.png")
+    for name, m in (("original", result.original_map), ("target", result.target_map), ("achieved", result.edited_map)):
+        save_image(_map_image(m, spec.property), out / "masks" / f"{name}.png")
+    plot_panel(result, out / "panel.png")
+    write_json(out / "result.json", {"success": result.success, "layers": result.layers, "edit_steps": result.edit_steps,
+                                     "losses": {str(k): v for k, v in result.losses.items()},
+                                     "timings_s": result.timings_s, "metadata": result.metadata})
+    line = f"wrote {out / 'panel.png'}; " + _summary(result.success)
+    if shifts:
+        frames, labels, rows = [], [], []
+        for dx in shifts:
+            spec.dx = dx
+            r = runner.run(req.prompt, req.seed, spec, settings, progress=False)
+            frames.append(r.edited)
+            labels.append(f"dx = {dx:+g} px")
+            rows.append({"dx": dx, "dy": spec.dy, **{k: r.success.get(k) for k in (
+                "dice_to_target", "dice_baseline", "shift_achieved_px", "rmse_to_target", "rmse_baseline",
+                "latent_change")}, "representation": {k: v for k, v in (r.success.get("representation") or {}).items()
+                                                       if k != "layers"}})
+        write_sweep_gif(frames, labels, out / "sweep.gif")
+        write_json(out / "sweep.json", rows)
+        line += f"; sweep of {len(shifts)} shifts → {out / 'sweep.gif'}"
+    print(line)
+    return 0
+
+
+def _map_image(m, prop: str):
+    from PIL import Image
+
+    x = m.float()
+    if prop != "foreground":
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else x * 0
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().numpy(), mode="L")
+
+
+def _summary(s: dict) -> str:
+    rep = s.get("representation") or {}
+    if s["property"] == "foreground":
+        return (f"Dice to target {s['dice_to_target']} (unedited {s['dice_baseline']}), shift achieved "
+                f"{s['shift_achieved_px']} of {s['shift_requested_px']} px; edited layers' probes: Dice "
+                f"{rep.get('dice_to_target')} (unedited {rep.get('dice_baseline')})")
+    return (f"RMSE to target {s['rmse_to_target']} (unedited {s['rmse_baseline']}); edited layers' probes: RMSE "
+            f"{rep.get('rmse_to_target')} (unedited {rep.get('rmse_baseline')})")
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     from .models import load_model
 
@@ -220,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import BackendUnavailableError, ModelSourceError
 
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "classify": cmd_classify, "layers": cmd_layers}
+    handlers = {"generate": cmd_generate, "classify": cmd_classify, "intervene": cmd_intervene, "layers": cmd_layers}
     try:
         return handlers[args.command](args)
     except (UsageError, ModelSourceError, BackendUnavailableError, UnknownLayerError, ClassifyError,

@@ -249,3 +249,51 @@ def test_bad_specs_name_the_field(runner, spec, field):
     with pytest.raises(iv.InterventionError) as err:
         runner.resolve(spec, SETTINGS)
     assert err.value.field == field
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+def test_cli_writes_panel_masks_result_and_sweep_gif(scene_bank, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from ldmprobe.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["intervene", "--bank", str(scene_bank), "--prompt", PROMPT, "--seed", str(SEED), "--steps",
+               str(SCENE_BANK_STEPS), "--dx", "24", "--edit-steps", "0-1", "--iterations", "16", "--sweep=-16:16:32",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    assert Image.open(out / "panel.png").format == "PNG"
+    for name in ("original", "edited"):
+        assert Image.open(out / f"{name}.png").size == (128, 128)
+    for name in ("original", "target", "achieved"):
+        assert Image.open(out / "masks" / f"{name}.png").mode == "L"
+    result = json.loads((out / "result.json").read_text())
+    assert result["edit_steps"] == [0, 1] and result["metadata"]["affine"] == [[1, 0, 24], [0, 1, 0]]
+    assert set(result["losses"]) == {"0", "1"}
+    gif = Image.open(out / "sweep.gif")
+    assert gif.n_frames == 2
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [row["dx"] for row in sweep] == [-16, 16]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--lr", "0"], "--lr"),
+    (["--iterations", "5000"], "--iterations"),
+    (["--edit-steps", "0,x"], "--edit-steps"),
+    (["--edit-steps", "0,99"], "--edit-steps"),
+    (["--layers", "dec9.9"], "--layers"),
+    (["--property", "shading"], "--property"),
+    (["--sweep", "1:2"], "sweep"),
+])
+def test_cli_bad_input_is_exit_2_with_one_line(scene_bank, tmp_path, capsys, extra, message):
+    from ldmprobe.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["intervene", "--bank", str(scene_bank), "--prompt", PROMPT, "--steps", str(SCENE_BANK_STEPS),
+               "--out", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
