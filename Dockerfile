@@ -1,8 +1,10 @@
 # ldmprobe GPU image: CUDA runtime + Python 3.11 + Java 17 (TorchServe's frontend) + the project.
 #   docker build -t ldmprobe .
 #   docker run --gpus all -p 127.0.0.1:8080:8080 -v /weights/sd-v1-4:/models/sd:ro \
-#       -v /weights/banks:/banks:ro -e MODEL=/models/sd -e BANK=/banks/sd14.safetensors ldmprobe
-# Without MODEL it serves the built-in tiny model (fitting a small bank at first start).
+#       -v /weights/banks:/banks:ro -v /weights/vgg:/vgg:ro -e MODEL=/models/sd \
+#       -e BANK=/banks/sd14.safetensors -e CLASSIFIER=/vgg/vgg16.safetensors -e TINY_DECODER=/vgg/taesd ldmprobe
+# Serves the probe and classify models (ARCHIVES). Without MODEL it serves the built-in tiny
+# model (fitting a small bank at first start); without CLASSIFIER, a random-init VGG-16 (flagged).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1

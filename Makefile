@@ -17,6 +17,14 @@ OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 COMPILE ?=
 BANK ?=
 BATCH_SIZE ?=
+# the served models (handlers/<name>_handler.py + handlers/<name>-config.yaml each)
+ARCHIVES ?= probe classify
+# classify: VGG-16 weights (file, folder, hub id; empty = the config's `random` demo classifier)
+# and a TAESD folder for decoder "tiny" (empty = none)
+CLASSIFIER ?=
+TINY_DECODER ?=
+SERVE_ENV = ARCHIVES="$(ARCHIVES)" MODEL="$(MODEL)" BANK="$(BANK)" COMPILE="$(COMPILE)" BATCH_SIZE="$(BATCH_SIZE)" \
+	CLASSIFIER="$(CLASSIFIER)" TINY_DECODER="$(TINY_DECODER)"
 
 .PHONY: install serve stop archives demo test test-fast bench lint clean
 
@@ -30,17 +38,18 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# TorchServe on 127.0.0.1 with the probe model (scripts/serve.sh): fits a small bank for `tiny`
-# when none exists, builds model_store/probe.mar, starts in the background, waits until the
-# worker is ready, prints a curl with the token. Real weights: make serve MODEL=/path BANK=/path.
+# TorchServe on 127.0.0.1 with the probe and classify models (scripts/serve.sh): fits a small
+# bank for `tiny` when none exists, builds model_store/probe.mar and classify.mar, starts in the
+# background, waits until every worker is ready, prints a curl per model with the token. Real
+# weights: make serve MODEL=/path BANK=/path CLASSIFIER=/path/vgg16.safetensors TINY_DECODER=/path/taesd
 serve: install
-	MODEL="$(MODEL)" BANK="$(BANK)" COMPILE="$(COMPILE)" BATCH_SIZE="$(BATCH_SIZE)" scripts/serve.sh start
+	$(SERVE_ENV) scripts/serve.sh start
 
 stop:
 	scripts/serve.sh stop
 
 archives: install
-	MODEL="$(MODEL)" BANK="$(BANK)" COMPILE="$(COMPILE)" BATCH_SIZE="$(BATCH_SIZE)" scripts/serve.sh archives
+	$(SERVE_ENV) scripts/serve.sh archives
 
 # The CLI demo: one generation with in-graph capture of all 16 self-attention layers, per-step
 # previews and the activation store (PROMPT, SEED, STEPS, OUT, COMPILE=1).

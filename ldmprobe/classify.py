@@ -245,7 +245,13 @@ class ImageClassifier:
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax over the 1000 classes, float32 on CPU, for one batch of images in [0, 1]."""
-        return self.module(self.preprocess(images)).float().softmax(-1).cpu()
+        return self.preprocessed_probabilities(self.preprocess(images))
+
+    @torch.no_grad()
+    def preprocessed_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The same for inputs already through `preprocess` (images of different sizes are
+        preprocessed one by one, then classified together)."""
+        return self.module(x).float().softmax(-1).cpu()
 
     def metadata(self) -> dict[str, Any]:
         meta = {"arch": VGG_ARCH, "weights": self.source, "random_weights": self.random_weights,
@@ -574,13 +580,22 @@ class StepClassifier:
     def classify_generation(self, sampler, prompts: Sequence[str], seeds: Sequence[int],
                             settings: GenerationSettings | None = None, decode: str = "latent",
                             targets: Sequence[int | str | None] | int | str | None = None, top_k: int = 5,
-                            keep_previews: bool = False, progress: bool = False) -> list[Classification]:
+                            keep_previews: bool = False, progress: bool = False,
+                            pad_to: int | None = None) -> list[Classification]:
         """Generate (one batched denoising loop for all prompts), keep every step's latent
         (`decode="latent"`, the study's choice: x_{t-1} after the step) or predicted clean
         latent (`"x0"`), then decode + classify all steps of all prompts in chunks.
-        One Classification per prompt."""
+        One Classification per prompt.
+
+        pad_to: run the denoising loop at this batch size (the last prompt repeated), so a
+        compiled U-Net reuses the graph of a few bucket sizes; the padding rows' steps are
+        neither decoded nor classified."""
         import time
 
+        n = len(prompts)
+        if not n:
+            raise ClassifyError("no prompts given")
+        batch_rows = max(n, int(pad_to or n))
         if decode not in ("latent", "x0"):
             raise ClassifyError(f"decode must be 'latent' or 'x0', got {decode!r}")
         if not 1 <= top_k <= MAX_TOP_K:
@@ -595,17 +610,20 @@ class StepClassifier:
         timesteps: list[float] = []
 
         def on_step(step) -> None:
-            kept.append((step.latents if decode == "latent" else step.x0).detach())
+            kept.append((step.latents if decode == "latent" else step.x0)[:n].detach())
             timesteps.append(step.timestep)
 
-        result = sampler.generate(list(prompts), list(seeds), settings, layers=None, callback=on_step,
-                                  keep_steps=False, progress=progress)
+        padding = batch_rows - n
+        result = sampler.generate(list(prompts) + [prompts[-1]] * padding, list(seeds) + [seeds[-1]] * padding,
+                                  settings, layers=None, callback=on_step, keep_steps=False, progress=progress)
         started = time.perf_counter()
-        n, s = len(prompts), len(kept)
+        s = len(kept)
         stacked = torch.stack(kept, dim=1).flatten(0, 1)  # [N·S, C, h, w], prompt-major
         probs, previews = self.classify_latents(stacked, keep_previews)
         classify_s = time.perf_counter() - started
-        meta = result.metadata | self.metadata() | {"decode": decode, "top_k": top_k, "mode": "generation"}
+        meta = result.metadata | self.metadata() | {"decode": decode, "top_k": top_k, "mode": "generation",
+                                                     "generate_rows": batch_rows}
+        meta["prompts"], meta["seeds"] = meta["prompts"][:n], meta["seeds"][:n]
         meta["timings_s"] = dict(meta.get("timings_s", {})) | {"decode_classify": round(classify_s, 4)}
         out = []
         for i in range(n):
@@ -619,12 +637,28 @@ class StepClassifier:
     def classify_image(self, image: Any, target: int | str | None = None, top_k: int = 5) -> Classification:
         """A real image (PIL or tensor) through the same preprocessing and classifier: the
         study's generated-vs-real comparison. One "step" with no timestep."""
-        target_class = None if target is None else imagenet_class(target)
-        x = _image_tensor(image)
-        probs = self.classify_images(x[:1])
-        meta = {"classifier": self.classifier.metadata(), "top_k": top_k, "mode": "image",
-                "image_size": list(x.shape[-2:])}
-        return Classification(probs, [None], top_k, target_class, x[:1].clamp(0, 1), None, CONFIDENCE, meta)
+        return self.classify_image_batch([image], [target], top_k)[0]
+
+    @torch.no_grad()
+    def classify_image_batch(self, images: Sequence[Any], targets: Sequence[int | str | None] | None = None,
+                             top_k: int = 5, keep_images: bool = True) -> list[Classification]:
+        """Several real images (sizes may differ): each preprocessed alone, then classified
+        together in chunks of `batch_size`. One Classification per image, as classify_image."""
+        targets = [None] * len(images) if targets is None else list(targets)
+        if len(targets) != len(images):
+            raise ClassifyError(f"got {len(images)} images but {len(targets)} targets")
+        resolved = [None if t is None else imagenet_class(t) for t in targets]
+        tensors = [_image_tensor(image)[:1] for image in images]
+        x = torch.cat([self.classifier.preprocess(t) for t in tensors]) if tensors else None
+        probs = (torch.cat([self.classifier.preprocessed_probabilities(c) for c in x.split(self.batch_size)])
+                 if x is not None else torch.zeros(0, 1000))
+        out = []
+        for i, t in enumerate(tensors):
+            meta = {"classifier": self.classifier.metadata(), "top_k": top_k, "mode": "image",
+                    "image_size": list(t.shape[-2:])}
+            out.append(Classification(probs[i:i + 1], [None], top_k, resolved[i],
+                                      t.clamp(0, 1) if keep_images else None, None, CONFIDENCE, meta))
+        return out
 
 
 # --- the figure --------------------------------------------------------------------------------------

@@ -18,11 +18,8 @@ Why the batching looks the way it does:
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,15 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
-from .generate import Sampler, StepOutput, make_scheduler, to_pil
+from .generate import StepOutput, make_scheduler, to_pil
 from .models import SDModel, load_model
 from .probes import METADATA_KEY, ProbeBank
 from .schemas import (
     MAX_SERVE_STEPS,
     ArrayPayload,
-    ErrorBody,
     GenerationSettings,
     ImagePayload,
     PngScale,
@@ -47,30 +42,25 @@ from .schemas import (
     ProbeResponse,
     StepResult,
 )
+from .serving import (  # RequestError, Outcome, buckets_for: re-exported, they lived here first
+    STOCHASTIC_SCHEDULERS,
+    Outcome,
+    RequestError,
+    b64,
+    bucket,
+    buckets_for,
+    internal_error,
+    make_sampler,
+    parse_body,
+    png_b64,
+    worker_info,
+)
+
+__all__ = ["Outcome", "ProbeService", "RequestError", "best_layers", "buckets_for"]
 
 DEFAULT_LAYER = "dec4.0"  # the study's reference layer: the fallback when a bank has no test metrics
 PRIMARY_METRIC = {"mask": "dice", "continuous": "spearman"}
-STOCHASTIC_SCHEDULERS = frozenset({"euler_a", "ddpm"})
 StepCallback = Callable[[int, dict[str, Any]], None]
-
-
-class RequestError(Exception):
-    """A request the service refuses: becomes an HTTP 4xx with an ErrorBody."""
-
-    def __init__(self, error: str, field: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.error, self.field, self.message, self.status = error, field, message, status
-
-    def body(self) -> dict[str, Any]:
-        return ErrorBody(error=self.error, field=self.field, message=self.message).model_dump()
-
-
-@dataclass
-class Outcome:
-    """What to answer for one request: HTTP status and JSON-ready body."""
-
-    status: int
-    body: dict[str, Any]
 
 
 @dataclass
@@ -88,19 +78,6 @@ class _Plan:
     probe_s: float = 0.0
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _png(array) -> str:
-    """uint8 [H, W] or [H, W, 3] numpy array → base64 PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return _b64(buf.getvalue())
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,15 +92,6 @@ def _stored_checksum(path: Path) -> str | None:
 
     with safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}")).get("checksum")
-
-
-def buckets_for(max_batch: int) -> tuple[int, ...]:
-    """Padded batch sizes: powers of two below max_batch, and max_batch itself."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return (*sizes, max(1, max_batch))
 
 
 def best_layers(bank: ProbeBank) -> dict[str, tuple[str, str]]:
@@ -154,14 +122,8 @@ class ProbeService:
                  cache_dir: str | Path | None = None, max_batch: int = 8, pad_batches: bool | None = None,
                  capture_all: bool = True, max_side: int | None = None, max_steps: int = MAX_SERVE_STEPS):
         started = time.perf_counter()
-        if compile:
-            # One graph per (bucket, image size, guidance on/off): keep them all compiled rather
-            # than falling back to eager after dynamo's default 8.
-            import torch._dynamo
-
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model, self.bank = model, bank
-        self.sampler = Sampler(model, compile=compile, cache_dir=cache_dir)
+        self.sampler = make_sampler(model, compile, cache_dir)
         self.compiled = bool(compile)
         self.pad_batches = self.compiled if pad_batches is None else bool(pad_batches)
         self.buckets = buckets_for(max_batch)
@@ -180,7 +142,7 @@ class ProbeService:
             "image_size": list(bank.image_size) if bank.image_size else None, "contents": bank.describe(),
             "default_layers": {p: layer for p, (layer, _) in self.defaults.items()},
         }
-        self.worker = {"pid": os.getpid(), "setup_s": round(time.perf_counter() - started, 3), "warm_s": None}
+        self.worker = worker_info(started)
 
     @classmethod
     def load(cls, model: str = "tiny", bank: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -199,35 +161,7 @@ class ProbeService:
     def parse(self, raw: Any, decoded: bool = False) -> _Plan:
         """A raw body (bytes or text; or, with decoded=True, a JSON value a front end already
         parsed) → a validated plan, or RequestError."""
-        if decoded and isinstance(raw, str):
-            raise RequestError("invalid_request", "request", "the body must be a JSON object, got a string")
-        if isinstance(raw, (bytes, bytearray)):
-            try:
-                raw = bytes(raw).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RequestError("invalid_json", "request", f"the body is not UTF-8 text: {exc}") from exc
-        if isinstance(raw, str):
-            if not raw.strip():
-                raise RequestError("invalid_json", "request", "empty body: send a JSON object")
-            try:
-                raw = json.loads(raw)
-            except ValueError as exc:
-                raise RequestError("invalid_json", "request", f"malformed JSON: {exc}") from exc
-        if raw is None:
-            raise RequestError("invalid_json", "request",
-                               "no JSON body: send a JSON object with Content-Type: application/json")
-        if not isinstance(raw, dict):
-            kind = {"list": "an array", "str": "a string", "bool": "a boolean"}.get(type(raw).__name__, "a number")
-            raise RequestError("invalid_request", "request", f"the body must be a JSON object, got {kind}")
-        try:
-            req = ProbeRequest.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = err.get("loc") or ("request",)
-            # the field and list indices; drop pydantic's union-member tags ("list[int]")
-            where = ".".join([str(loc[0])] + [str(p) for p in loc[1:] if isinstance(p, int)])
-            raise RequestError("invalid_request", where, err.get("msg", str(exc))) from exc
-        return self.plan(req)
+        return self.plan(parse_body(raw, ProbeRequest, decoded))
 
     def plan(self, req: ProbeRequest, index: int = 0) -> _Plan:
         """Check a schema-valid request against this model and bank; resolve layers and steps."""
@@ -308,18 +242,16 @@ class ProbeService:
             except RequestError as exc:
                 outcomes[i] = Outcome(exc.status, exc.body())
             except Exception as exc:  # a validator bug must not take the batch down
-                outcomes[i] = Outcome(500, RequestError("internal", "", f"{type(exc).__name__}: {exc}", 500).body())
+                outcomes[i] = internal_error(f"{type(exc).__name__}: {exc}")
         validate_s = time.perf_counter() - started
         for group in self.groups(plans):
             try:
                 for plan, body in zip(group, self.run_group(group, len(bodies), validate_s, on_step), strict=True):
                     outcomes[plan.index] = Outcome(200, body)
             except Exception as exc:
-                err = RequestError("internal", "", f"generation failed: {type(exc).__name__}: {exc}", 500).body()
                 for plan in group:
-                    outcomes[plan.index] = Outcome(500, err)
-        return [o if o is not None else Outcome(500, RequestError("internal", "", "no answer", 500).body())
-                for o in outcomes]
+                    outcomes[plan.index] = internal_error(f"generation failed: {type(exc).__name__}: {exc}")
+        return [o if o is not None else internal_error("no answer") for o in outcomes]
 
     def groups(self, plans: Sequence[_Plan]) -> list[list[_Plan]]:
         """Plans that can share one generate call, at most the largest bucket each."""
@@ -340,7 +272,7 @@ class ProbeService:
         prompts = [p.request.prompt for p in group]
         seeds = [p.request.seed for p in group]
         rows = len(group)
-        padded = next((b for b in self.buckets if b >= rows), rows) if self.pad_batches else rows
+        padded = bucket(rows, self.buckets, self.pad_batches)
         prompts += [prompts[-1]] * (padded - rows)
         seeds += [seeds[-1]] * (padded - rows)
         if self.capture_all:
@@ -363,12 +295,7 @@ class ProbeService:
 
         gen = self.sampler.generate(prompts, seeds, settings, layers=capture, callback=on_output, keep_steps=False)
         encode_started = time.perf_counter()
-        images = to_pil(gen.images[:rows])
-        encoded = []
-        for img in images:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            encoded.append(_b64(buf.getvalue()))
+        encoded = [png_b64(img) for img in to_pil(gen.images[:rows])]
         encode_s = time.perf_counter() - encode_started
         total_s = time.perf_counter() - started
         probe_s = sum(p.probe_s for p in group)
@@ -451,11 +378,11 @@ class ProbeService:
             else:
                 scale = PngScale(mode="minmax", lo=lo, hi=hi)
                 grey = (y - lo) / (hi - lo) if hi > lo else torch.zeros_like(y)
-            entry.png = _png((grey * 255).round().to(torch.uint8).numpy())
+            entry.png = png_b64((grey * 255).round().to(torch.uint8).numpy())
             entry.png_scale = scale
         if fmt in ("array", "both"):
             data = y.to(torch.float16).contiguous().numpy().astype("<f2").tobytes()
-            entry.array = ArrayPayload(shape=list(y.shape), data=_b64(data))
+            entry.array = ArrayPayload(shape=list(y.shape), data=b64(data))
         return entry
 
     # --- start-up -----------------------------------------------------------------------------

@@ -1,56 +1,100 @@
 #!/usr/bin/env bash
-# Build the TorchServe archive of the `probe` model into the model store.
+# Build the TorchServe archives (model_store/<name>.mar) of the models listed in ARCHIVES.
 #
-#   scripts/build_archives.sh                                  # tiny model, BANK as given
-#   MODEL=/data/sd-v1-4 BANK=/data/bank.safetensors scripts/build_archives.sh
+#   scripts/build_archives.sh                                  # tiny model: probe.mar + classify.mar
+#   MODEL=/data/sd-v1-4 BANK=/data/bank.safetensors CLASSIFIER=/data/vgg16.safetensors \
+#       TINY_DECODER=/data/taesd scripts/build_archives.sh
+#   ARCHIVES=classify scripts/build_archives.sh                # only classify.mar
 #
+# By convention archive NAME is handlers/NAME_handler.py + handlers/NAME-config.yaml (its
+# model-config.yaml), with handlers/ts_adapter.py packed beside the handler. Adding a model is
+# adding those two files and its name to ARCHIVES. Settings reach an archive only when its
+# config's `handler:` section declares the key:
+#   MODEL         -> handler.model        tiny | diffusers SD folder (made absolute) | hub id   [tiny]
+#   BANK          -> handler.bank         probe bank file, PACKED into the archive; empty = random demo probes
+#   CLASSIFIER    -> handler.classifier   VGG-16 weights file / folder (made absolute) | hub id | random
+#                                         [empty: the config's, `random` for the tiny demo]
+#   TINY_DECODER  -> handler.tiny_decoder AutoencoderTiny (TAESD) folder (made absolute) | hub id | random
+#                                         [empty: the config's, none]
 # Environment (all optional):
-#   MODEL       tiny | diffusers SD folder (made absolute) | hub id            [tiny]
-#   BANK        probe bank file, packed into the archive; empty = random demo probes
-#   STORE       model store folder                                            [model_store]
-#   BATCH_SIZE  TorchServe batchSize (empty = handlers/probe-config.yaml's)
-#   COMPILE     1 | 0: torch.compile the U-Net in the worker (empty = the config's)
-#   CONFIG_OVERRIDES  JSON merged into the model config (e.g. '{"maxBatchDelay": 300}')
-#   PYTHON      interpreter with PyYAML (the venv's)                          [.venv/bin/python]
-# The archive (STORE/probe.mar) holds the handler, model-config.yaml and the bank; the model
-# weights stay where they are (a folder path is recorded, not copied).
+#   ARCHIVES      names to build                                              ["probe classify"]
+#   STORE         model store folder                                          [the clone's model_store]
+#   BATCH_SIZE    TorchServe batchSize of every archive (empty = each config's)
+#   COMPILE       1 | 0: torch.compile the U-Net in the workers (empty = each config's)
+#   CONFIG_OVERRIDES        JSON merged into every archive's config (e.g. '{"maxBatchDelay": 300}')
+#   <NAME>_CONFIG_OVERRIDES JSON merged into archive NAME's only, after it (CLASSIFY_CONFIG_OVERRIDES=…)
+#   PYTHON        interpreter with PyYAML (the venv's)                        [.venv/bin/python]
+# Relative paths are taken from where the script is called.
+# Model, classifier and decoder weights stay where they are (a path is recorded, not copied);
+# only the bank, which is small and must match the archive it was fitted for, is packed.
 set -euo pipefail
+CALLER=$PWD  # relative paths in the settings are relative to where the script was called from
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+ARCHIVES=${ARCHIVES:-probe classify}
 MODEL=${MODEL:-tiny}
 BANK=${BANK:-}
-STORE=${STORE:-model_store}
+CLASSIFIER=${CLASSIFIER:-}
+TINY_DECODER=${TINY_DECODER:-}
+STORE=${STORE:-$ROOT/model_store}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 ARCHIVER=${ARCHIVER:-$(dirname "$PYTHON")/torch-model-archiver}
 
-if [[ "$MODEL" != tiny && -e "$MODEL" ]]; then MODEL=$(cd "$MODEL" && pwd); fi
+absolute() {  # an existing path made absolute; anything else (tiny, random, a hub id) as is
+    (
+        cd "$CALLER"
+        if [[ -n "$1" && "$1" != tiny && "$1" != random && -e "$1" ]]; then
+            if [[ -d "$1" ]]; then cd "$1" && pwd; else echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; fi
+        else
+            echo "$1"
+        fi
+    )
+}
+MODEL=$(absolute "$MODEL")
+CLASSIFIER=$(absolute "$CLASSIFIER")
+TINY_DECODER=$(absolute "$TINY_DECODER")
+BANK=$(absolute "$BANK")
+STORE=$(cd "$CALLER" && mkdir -p "$STORE" && cd "$STORE" && pwd)
 if [[ -n "$BANK" && ! -f "$BANK" ]]; then echo "build_archives: BANK=$BANK is not a file" >&2; exit 2; fi
-mkdir -p "$STORE"
+for name in $ARCHIVES; do
+    for file in "handlers/${name}_handler.py" "handlers/${name}-config.yaml"; do
+        [[ -f $file ]] || { echo "build_archives: archive '$name' needs $file" >&2; exit 2; }
+    done
+done
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/ldmprobe-archive.XXXXXX")
-trap 'rm -rf "$BUILD"' EXIT
+# archives are written here, then renamed into the store: a running server never sees half a .mar
+STAGE=$(mktemp -d "$STORE/.build.XXXXXX")
+trap 'rm -rf "$BUILD" "$STAGE"' EXIT
 
-extra=()
-if [[ -n "$BANK" ]]; then
-    cp "$BANK" "$BUILD/bank.safetensors"
-    extra=(--extra-files "$BUILD/bank.safetensors")
-else
-    echo "build_archives: no BANK given: the probe model serves random demo probes" >&2
-fi
-
-MODEL="$MODEL" HAS_BANK="${BANK:+1}" BATCH_SIZE="${BATCH_SIZE:-}" COMPILE="${COMPILE:-}" \
-CONFIG_OVERRIDES="${CONFIG_OVERRIDES:-}" "$PYTHON" - handlers/probe-config.yaml "$BUILD/model-config.yaml" <<'PY'
+for name in $ARCHIVES; do
+    mkdir -p "$BUILD/$name"
+    upper=$(echo "$name" | tr '[:lower:]-' '[:upper:]_')
+    overrides_var="${upper}_CONFIG_OVERRIDES"
+    # Fills the handler keys this config declares; prints "bank" when the archive packs the bank.
+    wants=$(NAME="$name" MODEL="$MODEL" BANK="$BANK" CLASSIFIER="$CLASSIFIER" TINY_DECODER="$TINY_DECODER" \
+        BATCH_SIZE="${BATCH_SIZE:-}" COMPILE="${COMPILE:-}" CONFIG_OVERRIDES="${CONFIG_OVERRIDES:-}" \
+        OWN_OVERRIDES="${!overrides_var:-}" OWN_VAR="$overrides_var" \
+        "$PYTHON" - "handlers/$name-config.yaml" "$BUILD/$name/model-config.yaml" <<'PY'
 import json, os, sys
 
 import yaml
 
 src, dst = sys.argv[1], sys.argv[2]
+env = os.environ
 config = yaml.safe_load(open(src))
-config["handler"]["model"] = os.environ["MODEL"]
-config["handler"]["bank"] = "bank.safetensors" if os.environ["HAS_BANK"] else ""
-if os.environ["BATCH_SIZE"]:
-    config["batchSize"] = int(os.environ["BATCH_SIZE"])
-if os.environ["COMPILE"]:
-    config["handler"]["compile"] = os.environ["COMPILE"] not in ("0", "false", "no")
+handler = config.setdefault("handler", {})
+if "model" in handler:
+    handler["model"] = env["MODEL"]
+if "bank" in handler:
+    handler["bank"] = "bank.safetensors" if env["BANK"] else ""
+    print("bank")
+for key, var in (("classifier", "CLASSIFIER"), ("tiny_decoder", "TINY_DECODER")):
+    if key in handler and env[var]:
+        handler[key] = env[var]
+if env["BATCH_SIZE"]:
+    config["batchSize"] = int(env["BATCH_SIZE"])
+if env["COMPILE"]:
+    handler["compile"] = env["COMPILE"] not in ("0", "false", "no")
 
 
 def merge(into, new):
@@ -61,10 +105,31 @@ def merge(into, new):
             into[key] = value
 
 
-merge(config, json.loads(os.environ["CONFIG_OVERRIDES"] or "{}"))
-yaml.safe_dump(config, open(dst, "w"), sort_keys=False)
+for var, name in (("CONFIG_OVERRIDES", "CONFIG_OVERRIDES"), ("OWN_OVERRIDES", env["OWN_VAR"])):
+    try:
+        merge(config, json.loads(env[var] or "{}"))
+    except ValueError as exc:
+        sys.exit(f"build_archives: {env['NAME']}: {name} is not JSON: {exc}")
+if handler.get("classifier") == "random":
+    print(f"build_archives: {env['NAME']}.mar classifies with a RANDOM-init VGG-16 (predictions are "
+          "meaningless); set CLASSIFIER=/path/to/vgg16 weights for real use", file=sys.stderr)
+tmp = dst + ".tmp"
+with open(tmp, "w") as f:
+    yaml.safe_dump(config, f, sort_keys=False)
+os.replace(tmp, dst)
 PY
-
-"$ARCHIVER" --model-name probe --version 1.0 --handler handlers/probe_handler.py \
-    --config-file "$BUILD/model-config.yaml" "${extra[@]}" --export-path "$STORE" --force
-echo "built $STORE/probe.mar (model: $MODEL, bank: ${BANK:-random demo probes})"
+)
+    extra="handlers/ts_adapter.py"
+    if [[ $wants == *bank* ]]; then
+        if [[ -n "$BANK" ]]; then
+            cp "$BANK" "$BUILD/$name/bank.safetensors"
+            extra+=",$BUILD/$name/bank.safetensors"
+        else
+            echo "build_archives: no BANK given: the $name model serves random demo probes" >&2
+        fi
+    fi
+    "$ARCHIVER" --model-name "$name" --version 1.0 --handler "handlers/${name}_handler.py" \
+        --config-file "$BUILD/$name/model-config.yaml" --extra-files "$extra" --export-path "$STAGE" --force
+    mv -f "$STAGE/$name.mar" "$STORE/$name.mar"
+    echo "built $STORE/$name.mar (model: $MODEL$([[ $wants == *bank* ]] && echo ", bank: ${BANK:-random demo probes}"))"
+done

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Start / stop the TorchServe service of the probe model (what `make serve` / `make stop` run).
+# Start / stop the TorchServe service of the ldmprobe models (what `make serve` / `make stop` run).
 #
-#   scripts/serve.sh start      fit a tiny bank if needed, build the archive, start TorchServe on
-#                               127.0.0.1 in the background, wait until the model is ready, print a curl
+#   scripts/serve.sh start      fit a tiny bank if needed, build the archives, start TorchServe on
+#                               127.0.0.1 in the background, wait until every model is ready, print curls
 #   scripts/serve.sh stop       stop it (by PID) and wait for it to exit
-#   scripts/serve.sh archives   only fit the bank (if needed) and build model_store/probe.mar
+#   scripts/serve.sh archives   only fit the bank (if needed) and build model_store/<name>.mar
+#   scripts/serve.sh models     print the --models arguments (probe=probe.mar classify=classify.mar)
 #   scripts/serve.sh status
 #
-# Environment: MODEL (tiny | SD folder | hub id), BANK (probe bank file; for tiny, default
-# runs/tiny-bank/bank.safetensors, fitted when absent), COMPILE, BATCH_SIZE (see build_archives.sh),
-# STARTUP_WAIT (s, default 1200). State lives in runs/serve/: torchserve.pid, key_file.json
-# (the tokens), logs/, tmp/ (TorchServe's temp dir: worker sockets, unpacked archives).
+# Environment: ARCHIVES (the models, default "probe classify"), MODEL (tiny | SD folder | hub id),
+# BANK (probe bank file; for tiny, default runs/tiny-bank/bank.safetensors, fitted when absent),
+# CLASSIFIER, TINY_DECODER, COMPILE, BATCH_SIZE, CONFIG_OVERRIDES, <NAME>_CONFIG_OVERRIDES (see
+# build_archives.sh), STARTUP_WAIT (s, default 1200). State lives in runs/serve/: torchserve.pid,
+# key_file.json (the tokens), logs/, tmp/ (TorchServe's temp dir: worker sockets, unpacked archives).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV_BIN=$ROOT/.venv/bin
 STATE=$ROOT/runs/serve
 PIDFILE=$STATE/torchserve.pid
+ARCHIVES=${ARCHIVES:-probe classify}
 MODEL=${MODEL:-tiny}
 BANK=${BANK:-}
 TINY_BANK=$ROOT/runs/tiny-bank/bank.safetensors
@@ -46,8 +49,22 @@ key() {  # key <inference|management>
         "$STATE/key_file.json" "$1"
 }
 
+needs_bank() {  # does an archive to build declare a handler.bank setting?
+    local name
+    for name in $ARCHIVES; do
+        grep -q '^  bank:' "handlers/$name-config.yaml" 2>/dev/null && return 0
+    done
+    return 1
+}
+
+models() {  # the --models arguments: NAME=NAME.mar for every archive
+    local name out=()
+    for name in $ARCHIVES; do out+=("$name=$name.mar"); done
+    echo "${out[@]}"
+}
+
 archives() {
-    if [[ -z $BANK && $MODEL == tiny ]]; then
+    if [[ -z $BANK && $MODEL == tiny ]] && needs_bank; then
         BANK=$TINY_BANK
         if [[ ! -f $BANK ]]; then
             echo "serve: fitting a small probe bank for the tiny model (about a minute) → $BANK"
@@ -55,20 +72,36 @@ archives() {
                 --out "$(dirname "$BANK")" --no-progress
         fi
     fi
-    MODEL=$MODEL BANK=$BANK PYTHON=$VENV_BIN/python scripts/build_archives.sh
+    ARCHIVES=$ARCHIVES MODEL=$MODEL BANK=$BANK PYTHON=$VENV_BIN/python scripts/build_archives.sh
 }
 
-example() {
-    cat <<EOF
-curl -s -H "Authorization: Bearer $(key inference)" -H "Content-Type: application/json" \\
-     $INFERENCE/predictions/probe \\
-     -d '{"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": 15, "return_steps": [3, 14]}'
-EOF
+example_body() {  # a request body worth trying on model $1
+    case $1 in
+        probe) echo '{"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": 15, "return_steps": [3, 14]}' ;;
+        classify) echo '{"prompt": "a lemon", "seed": 0, "steps": 15, "target_class": "lemon", "top_k": 3}' ;;
+        *) echo '{}' ;;
+    esac
 }
 
-wait_ready() {
-    local pid=$1 deadline=$((SECONDS + ${STARTUP_WAIT:-1200})) status=""
-    echo -n "serve: waiting for the probe worker (load, compile, warm-up)"
+example() {  # a curl per served model
+    local name
+    for name in $ARCHIVES; do
+        echo "curl -s -H \"Authorization: Bearer $(key inference)\" -H \"Content-Type: application/json\" \\"
+        echo "     $INFERENCE/predictions/$name \\"
+        echo "     -d '$(example_body "$name")'"
+    done
+}
+
+worker_status() {  # worker_status NAME: READY, another state, or empty
+    curl -s -H "Authorization: Bearer $(key management)" "$MANAGEMENT/models/$1" |
+        "$VENV_BIN/python" -c 'import json, sys
+try: print(json.load(sys.stdin)[0]["workers"][0]["status"])
+except Exception: print("")' || true
+}
+
+wait_ready() {  # until the worker of every model is READY
+    local pid=$1 deadline=$((SECONDS + ${STARTUP_WAIT:-1200})) name waiting=$ARCHIVES still
+    echo -n "serve: waiting for the workers of: $ARCHIVES (load, compile, warm-up)"
     while ((SECONDS < deadline)); do
         if ! kill -0 "$pid" 2>/dev/null; then
             echo; echo "serve: TorchServe exited during start-up; last log lines:" >&2
@@ -76,16 +109,17 @@ wait_ready() {
             return 1
         fi
         if [[ -f $STATE/key_file.json ]]; then
-            status=$(curl -s -H "Authorization: Bearer $(key management)" "$MANAGEMENT/models/probe" |
-                "$VENV_BIN/python" -c 'import json, sys
-try: print(json.load(sys.stdin)[0]["workers"][0]["status"])
-except Exception: print("")' || true)
-            if [[ $status == READY ]]; then echo " ready"; return 0; fi
+            still=""
+            for name in $waiting; do
+                if [[ $(worker_status "$name") == READY ]]; then echo -n " $name ready"; else still+="$name "; fi
+            done
+            waiting=$still
+            if [[ -z $waiting ]]; then echo; return 0; fi
         fi
         echo -n "."
         sleep 3
     done
-    echo; echo "serve: the worker was not ready after ${STARTUP_WAIT:-1200} s (status: ${status:-none}); see $STATE/logs" >&2
+    echo; echo "serve: not ready after ${STARTUP_WAIT:-1200} s: $waiting; see $STATE/logs" >&2
     return 1
 }
 
@@ -99,17 +133,20 @@ start() {
     archives
     rm -rf "$STATE/tmp" "$STATE/key_file.json"
     mkdir -p "$STATE/logs" "$STATE/tmp"
+    local -a registered
+    read -ra registered <<<"$(models)"
     # TEMP/TMPDIR private to this instance: TorchServe keeps its PID file, worker sockets and
     # unpacked archives there, so another TorchServe on the machine does not collide with it.
     (cd "$STATE" && TEMP=$STATE/tmp TMPDIR=$STATE/tmp LOG_LOCATION=$STATE/logs METRICS_LOCATION=$STATE/logs \
-        torchserve --start --ncs --ts-config "$CONFIG" --model-store "$ROOT/model_store" --models probe=probe.mar \
-        >"$STATE/logs/launcher.log" 2>&1)
+        torchserve --start --ncs --ts-config "$CONFIG" --model-store "$ROOT/model_store" \
+        --models "${registered[@]}" >"$STATE/logs/launcher.log" 2>&1)
     for _ in $(seq 50); do [[ -s $STATE/tmp/.model_server.pid ]] && break; sleep 0.2; done
     pid=$(cat "$STATE/tmp/.model_server.pid")
     echo "$pid" >"$PIDFILE"
     echo "serve: TorchServe started (PID $pid, logs in runs/serve/logs, tokens in runs/serve/key_file.json)"
     wait_ready "$pid" || { stop; return 1; }
-    echo "serve: probe model ready at $INFERENCE/predictions/probe. Try:"
+    echo "serve: ready: $(for name in $ARCHIVES; do echo -n "$INFERENCE/predictions/$name "; done)"
+    echo "Try:"
     example
     echo "serve: (the inference token expires after 60 min by default; 'make stop && make serve' issues new ones)"
 }
@@ -135,6 +172,7 @@ case "${1:-start}" in
     start) start ;;
     stop) stop ;;
     archives) archives ;;
+    models) models ;;
     status) if pid=$(running_pid); then echo "running (PID $pid)"; else echo "not running"; exit 1; fi ;;
-    *) echo "usage: $0 start|stop|archives|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|archives|models|status" >&2; exit 2 ;;
 esac

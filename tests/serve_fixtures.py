@@ -1,7 +1,7 @@
 """A real TorchServe for the serving tests, isolated from anything else on the machine.
 
-The archive is built by scripts/build_archives.sh (the same script `make serve` runs) into a
-temp model store; config.properties is the committed one with its addresses, model store and
+The archives are built by scripts/build_archives.sh (the same script `make serve` runs) into a
+temp model store, and the server registers the models a test module asks for; config.properties is the committed one with its addresses, model store and
 worker port replaced by free ones; TEMP/TMPDIR point into the temp dir so TorchServe's PID
 file, worker sockets and unpacked archives are private to this instance. It is stopped by PID.
 """
@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class Server:
     ports: dict[str, int]
     pid: int = 0
     keys: dict[str, str] = field(default_factory=dict)
+    models: tuple[str, ...] = ("probe",)
 
     @property
     def inference(self) -> str:
@@ -102,14 +104,17 @@ class Server:
             "HF_HUB_OFFLINE": "1",
         }
 
-    def start(self, store: Path, timeout: float = 1200) -> None:
+    def start(self, store: Path, timeout: float = 1200, models: Sequence[str] = ("probe",)) -> None:
+        """Start TorchServe with `models` (NAME.mar each, from `store`) registered; return when
+        the worker of every one is READY."""
+        self.models = tuple(models)
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         config = self.root / "config.properties"
         config.write_text(server_config(ROOT / "config.properties", store, self.ports))
         with open(self.root / "logs" / "launcher.log", "w") as log:
             subprocess.run([str(VENV_BIN / "torchserve"), "--start", "--ncs", "--ts-config", str(config),
-                            "--model-store", str(store), "--models", "probe=probe.mar"],
+                            "--model-store", str(store), "--models", *[f"{m}={m}.mar" for m in self.models]],
                            cwd=self.root, env=self.env(), stdout=log, stderr=subprocess.STDOUT, check=True, timeout=60)
         pid_file = self.root / "tmp" / ".model_server.pid"
         deadline = time.monotonic() + 30
@@ -137,28 +142,28 @@ class Server:
                 try:
                     data = json.loads(key_file.read_text())
                     self.keys = {k: data[k]["key"] for k in ("inference", "management")}
-                    if self.describe()["workers"][0]["status"] == "READY":
+                    if all(self.describe(m)["workers"][0]["status"] == "READY" for m in self.models):
                         return
                 except (ValueError, KeyError, IndexError, requests.RequestException):
                     pass
             time.sleep(1)
-        raise RuntimeError(f"probe worker not ready after {timeout} s\n" + self.logs())
+        raise RuntimeError(f"workers of {', '.join(self.models)} not ready after {timeout} s\n" + self.logs())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, model: str = "probe") -> dict[str, Any]:
         """The management API's model description (needs the management token)."""
-        r = requests.get(f"{self.management}/models/probe", timeout=10,
+        r = requests.get(f"{self.management}/models/{model}", timeout=10,
                          headers={"Authorization": f"Bearer {self.keys['management']}"})
         r.raise_for_status()
         return r.json()[0]
 
     def post(self, body: Any, token: str | None = "inference", timeout: float = 600, stream: bool = False,
-             content_type: str = "application/json") -> requests.Response:
-        """POST /predictions/probe; body: dict (sent as JSON), str or bytes (sent as is)."""
+             content_type: str = "application/json", model: str = "probe") -> requests.Response:
+        """POST /predictions/<model>; body: dict (sent as JSON), str or bytes (sent as is)."""
         headers = {"Content-Type": content_type}
         if token is not None:
             headers["Authorization"] = f"Bearer {self.keys.get(token, token)}"
         data = json.dumps(body) if isinstance(body, dict) else body
-        return requests.post(f"{self.inference}/predictions/probe", data=data, headers=headers, timeout=timeout,
+        return requests.post(f"{self.inference}/predictions/{model}", data=data, headers=headers, timeout=timeout,
                              stream=stream)
 
     def children(self) -> list[int]:
@@ -200,12 +205,22 @@ class Server:
         return "\n".join(out) or f"(no logs under {self.root / 'logs'})"
 
 
-def build_archive(store: Path, bank: Path, overrides: dict[str, Any]) -> Path:
-    env = os.environ | {"MODEL": "tiny", "BANK": str(bank), "STORE": str(store), "BATCH_SIZE": "4",
-                        "CONFIG_OVERRIDES": json.dumps(overrides), "PYTHON": str(VENV_BIN / "python")}
-    subprocess.run([str(ROOT / "scripts" / "build_archives.sh")], env=env, check=True, capture_output=True,
-                   timeout=300)
-    return store / "probe.mar"
+def build_archive(store: Path, bank: Path | None = None, overrides: dict[str, Any] | None = None,
+                  archives: Sequence[str] = ("probe",), per_archive: dict[str, dict[str, Any]] | None = None,
+                  env: dict[str, str] | None = None) -> Path:
+    """Build `archives` into `store` with scripts/build_archives.sh; `overrides` go to every
+    archive (CONFIG_OVERRIDES), per_archive[name] to that one (<NAME>_CONFIG_OVERRIDES).
+    Returns the path of the first archive."""
+    full = os.environ | {"ARCHIVES": " ".join(archives), "MODEL": "tiny", "BANK": str(bank or ""),
+                         "STORE": str(store), "BATCH_SIZE": "4", "CONFIG_OVERRIDES": json.dumps(overrides or {}),
+                         "PYTHON": str(VENV_BIN / "python")}
+    for name, values in (per_archive or {}).items():
+        full[f"{name.upper()}_CONFIG_OVERRIDES"] = json.dumps(values)
+    done = subprocess.run([str(ROOT / "scripts" / "build_archives.sh")], env=full | (env or {}), capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"build_archives.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return store / f"{archives[0]}.mar"
 
 
 # --- decoding responses ---------------------------------------------------------------------
@@ -219,3 +234,66 @@ def map_array(entry: dict[str, Any]) -> np.ndarray:
     arr = entry["array"]
     assert arr["dtype"] == "float16"
     return np.frombuffer(base64.b64decode(arr["data"]), dtype="<f2").reshape(arr["shape"])
+
+
+def png_b64_of(array: np.ndarray) -> str:
+    """uint8 [H, W, 3] → base64 PNG (what a client sends as `image`)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --- the classify endpoint: shared by tests/test_classify_service.py (in process) and
+# tests/test_serve_classify.py (through TorchServe), so both prove the same table -----------------
+CLASSIFY_BASE = {"prompt": "a lemon on a table", "seed": 7, "steps": 3, "height": 64, "width": 64}
+CLASSIFY_LIMITS = {"max_side": 256, "max_steps": 50}  # the service / handler settings the table assumes
+CLASSIFY_INPUT_SIZE = 64  # VGG-16 fed 64×64: 12× cheaper than 224 with random weights (see test_classify.py)
+SMALL_IMAGE = png_b64_of((np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8))
+NOT_AN_IMAGE = base64.b64encode(b"hello, this is not a picture").decode("ascii")
+
+CLASSIFY_BAD = [  # (id, body, error, field, text the message must contain)
+    ("malformed_json", b'{"prompt": "a", ', "invalid_json", "request", "malformed JSON"),
+    ("array_body", b"[1, 2, 3]", "invalid_request", "request", "got an array"),
+    ("empty_body", b"", "invalid_json", "request", "empty body"),
+    ("not_utf8", b'{"prompt": "\xff\xfe"}', "invalid_json", "request", "not UTF-8"),
+    ("json_string_body", json.dumps(json.dumps(CLASSIFY_BASE)).encode(), "invalid_request", "request", "string"),
+    ("unknown_field", CLASSIFY_BASE | {"colour": "red"}, "invalid_request", "colour", "Extra inputs"),
+    ("prompt_wrong_type", {"prompt": 5}, "invalid_request", "prompt", "string"),
+    ("empty_prompt", {"prompt": ""}, "invalid_request", "prompt", "at least 1"),
+    ("steps_as_string", CLASSIFY_BASE | {"steps": "3"}, "invalid_request", "steps", "integer"),
+    ("seed_as_float", CLASSIFY_BASE | {"seed": 1.0}, "invalid_request", "seed", "integer"),
+    ("guidance_as_string", CLASSIFY_BASE | {"guidance": "7.5"}, "invalid_request", "guidance", "number"),
+    ("previews_as_int", CLASSIFY_BASE | {"previews": 1}, "invalid_request", "previews", "boolean"),
+    ("top_k_zero", CLASSIFY_BASE | {"top_k": 0}, "invalid_request", "top_k", "greater than or equal to 1"),
+    ("top_k_too_large", CLASSIFY_BASE | {"top_k": 101}, "invalid_request", "top_k", "less than or equal to 100"),
+    ("top_k_as_string", CLASSIFY_BASE | {"top_k": "5"}, "invalid_request", "top_k", "integer"),
+    ("target_class_unknown", CLASSIFY_BASE | {"target_class": "lemmon"}, "invalid_request", "target_class",
+     "unknown ImageNet class 'lemmon'; close matches: lemon (951)"),
+    ("target_class_ambiguous", CLASSIFY_BASE | {"target_class": "crane"}, "invalid_request", "target_class",
+     "ambiguous"),
+    ("target_class_out_of_range", CLASSIFY_BASE | {"target_class": 1000}, "invalid_request", "target_class",
+     "out of range 0-999"),
+    ("target_class_float", CLASSIFY_BASE | {"target_class": 9.5}, "invalid_request", "target_class", ""),
+    ("target_class_bool", CLASSIFY_BASE | {"target_class": True}, "invalid_request", "target_class", ""),
+    ("both_prompt_and_image", CLASSIFY_BASE | {"image": SMALL_IMAGE}, "invalid_request", "request",
+     "either a prompt"),
+    ("neither_prompt_nor_image", {"top_k": 3}, "invalid_request", "request", "either a prompt"),
+    ("bad_base64", {"image": "not base64!"}, "invalid_request", "image", "not valid base64"),
+    ("not_an_image", {"image": NOT_AN_IMAGE}, "invalid_request", "image", "not a readable image"),
+    ("image_wrong_type", {"image": [1, 2]}, "invalid_request", "image", "string"),
+    ("image_with_generation_field", {"image": SMALL_IMAGE, "steps": 3}, "invalid_request", "steps",
+     "only applies to a generation"),
+    ("steps_zero", CLASSIFY_BASE | {"steps": 0}, "invalid_request", "steps", "greater than or equal to 1"),
+    ("steps_over_service_limit", CLASSIFY_BASE | {"steps": 60}, "invalid_request", "steps", "at most 50 steps"),
+    ("steps_too_many", CLASSIFY_BASE | {"steps": 1000}, "invalid_request", "steps", "less than or equal to 100"),
+    ("height_not_multiple_of_8", CLASSIFY_BASE | {"height": 100}, "invalid_request", "height", "multiple of 8"),
+    ("width_over_service_limit", CLASSIFY_BASE | {"width": 512}, "invalid_request", "width", "between 8 and 256"),
+    ("negative_seed", CLASSIFY_BASE | {"seed": -1}, "invalid_request", "seed", "greater than or equal to 0"),
+    ("unknown_scheduler", CLASSIFY_BASE | {"scheduler": "magic"}, "invalid_request", "scheduler", "lms"),
+    ("unknown_decoder", CLASSIFY_BASE | {"decoder": "big"}, "invalid_request", "decoder", "'vae' or 'tiny'"),
+    ("decoder_tiny_not_configured", CLASSIFY_BASE | {"decoder": "tiny"}, "invalid_request", "decoder",
+     "no tiny decoder is configured"),
+    ("unknown_decode", CLASSIFY_BASE | {"decode": "noise"}, "invalid_request", "decode", "'latent' or 'x0'"),
+]

@@ -125,6 +125,18 @@ def test_batched_equals_one_by_one(batched, tiny, small_vgg, sampler):
     assert not torch.equal(batched[0].probabilities, batched[1].probabilities)
 
 
+def test_padded_generation_classifies_only_the_real_rows(batched, vae_runner, sampler):
+    """pad_to runs the denoising loop at a bucket size (a compiled U-Net reuses its graph); the
+    padding rows are dropped before decoding and classifying, and change nothing."""
+    padded = vae_runner.classify_generation(sampler, PROMPTS, SEEDS, SETTINGS, targets="lemon", top_k=3,
+                                            keep_previews=True, pad_to=4)
+    assert len(padded) == 2 and padded[0].metadata["generate_rows"] == 4
+    assert padded[0].metadata["prompts"] == PROMPTS and batched[0].metadata["generate_rows"] == 2
+    for a, b in zip(padded, batched, strict=True):
+        assert a.probabilities.shape == (2, 1000) and a.previews.shape[0] == 2
+        torch.testing.assert_close(a.probabilities, b.probabilities, rtol=1e-4, atol=1e-7)
+
+
 def test_previews_are_the_decoded_latents(batched, sampler):
     """The VAE path decodes as the project's Sampler.decode does (same scaling)."""
     latents = []
@@ -185,6 +197,21 @@ def test_real_image_like_generated_steps(batched, vae_runner):
     assert from_pil.metadata["image_size"] == [96, 160]
     with pytest.raises(ClassifyError, match="expected an RGB image"):
         vae_runner.classify_image(torch.zeros(1, 64, 64))
+
+
+def test_images_of_different_sizes_classified_together(vae_runner):
+    """classify_image_batch preprocesses each image alone, classifies them in chunks: the same
+    numbers as one classify_image call per image."""
+    gen = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, h, w, generator=gen) for h, w in ((64, 64), (80, 120), (50, 40), (64, 96))]
+    together = vae_runner.classify_image_batch(images, [951, None, "lemon", None], top_k=2)
+    assert [r.target.index if r.target else None for r in together] == [951, None, 951, None]
+    for image, result in zip(images, together, strict=True):
+        alone = vae_runner.classify_image(image, top_k=2)
+        torch.testing.assert_close(result.probabilities, alone.probabilities, rtol=1e-4, atol=1e-7)
+        assert result.metadata["image_size"] == list(image.shape[-2:])
+    with pytest.raises(ClassifyError, match="got 4 images but 1 targets"):
+        vae_runner.classify_image_batch(images, [951])
 
 
 def test_preprocess_matches_timm_config(vgg):

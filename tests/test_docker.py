@@ -39,6 +39,17 @@ def test_entrypoint_and_scripts_parse():
     assert "docker/config.properties" in text and "--foreground" in text
 
 
+def test_entrypoint_registers_every_archive():
+    """The container serves what `make serve` serves: the archives named by ARCHIVES (default
+    probe and classify), each registered by the --models list serve.sh prints."""
+    text = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert "ARCHIVES=${ARCHIVES:-probe classify}" in text
+    assert "scripts/serve.sh archives" in text and "$(scripts/serve.sh models)" in text
+    assert '--models "${models[@]}"' in text
+    for name in ("probe", "classify"):
+        assert (ROOT / "handlers" / f"{name}_handler.py").is_file() and (ROOT / "handlers" / f"{name}-config.yaml").is_file()
+
+
 def test_ports_and_healthcheck_match_the_container_config():
     conf = _props(ROOT / "docker" / "config.properties")
     port = conf["inference_address"].rsplit(":", 1)[1]
