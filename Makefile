@@ -18,7 +18,7 @@ COMPILE ?=
 BANK ?=
 BATCH_SIZE ?=
 # the served models (handlers/<name>_handler.py + handlers/<name>-config.yaml each)
-ARCHIVES ?= probe classify
+ARCHIVES ?= probe classify intervene
 # classify: VGG-16 weights (file, folder, hub id; empty = the config's `random` demo classifier)
 # and a TAESD folder for decoder "tiny" (empty = none)
 CLASSIFIER ?=

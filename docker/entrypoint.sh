@@ -6,10 +6,10 @@
 # /app/runs/serve/key_file.json (read them with: docker exec CONTAINER cat /app/runs/serve/key_file.json).
 set -euo pipefail
 cd /app
-export ARCHIVES=${ARCHIVES:-probe classify} MODEL=${MODEL:-tiny} BANK=${BANK:-}
+export ARCHIVES=${ARCHIVES:-probe classify intervene} MODEL=${MODEL:-tiny} BANK=${BANK:-}
 export CLASSIFIER=${CLASSIFIER:-} TINY_DECODER=${TINY_DECODER:-}
 scripts/serve.sh archives
-read -ra models <<<"$(scripts/serve.sh models)"   # probe=probe.mar classify=classify.mar
+read -ra models <<<"$(scripts/serve.sh models)"   # probe=probe.mar classify=classify.mar intervene=intervene.mar
 mkdir -p runs/serve/logs runs/serve/tmp
 cd runs/serve
 export TEMP=/app/runs/serve/tmp TMPDIR=/app/runs/serve/tmp LOG_LOCATION=/app/runs/serve/logs

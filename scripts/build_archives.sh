@@ -17,7 +17,7 @@
 #   TINY_DECODER  -> handler.tiny_decoder AutoencoderTiny (TAESD) folder (made absolute) | hub id | random
 #                                         [empty: the config's, none]
 # Environment (all optional):
-#   ARCHIVES      names to build                                              ["probe classify"]
+#   ARCHIVES      names to build                                              ["probe classify intervene"]
 #   STORE         model store folder                                          [the clone's model_store]
 #   BATCH_SIZE    TorchServe batchSize of every archive (empty = each config's)
 #   COMPILE       1 | 0: torch.compile the U-Net in the workers (empty = each config's)
@@ -31,7 +31,7 @@ set -euo pipefail
 CALLER=$PWD  # relative paths in the settings are relative to where the script was called from
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-ARCHIVES=${ARCHIVES:-probe classify}
+ARCHIVES=${ARCHIVES:-probe classify intervene}
 MODEL=${MODEL:-tiny}
 BANK=${BANK:-}
 CLASSIFIER=${CLASSIFIER:-}
@@ -60,6 +60,11 @@ for name in $ARCHIVES; do
     for file in "handlers/${name}_handler.py" "handlers/${name}-config.yaml"; do
         [[ -f $file ]] || { echo "build_archives: archive '$name' needs $file" >&2; exit 2; }
     done
+    if [[ -z $BANK ]] && grep -q '^  bank:.*required' "handlers/${name}-config.yaml"; then
+        echo "build_archives: the $name model needs BANK (a probe bank fitted for MODEL); leave it out of" \
+             "ARCHIVES to build the others without one" >&2
+        exit 2
+    fi
 done
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/ldmprobe-archive.XXXXXX")
 # archives are written here, then renamed into the store: a running server never sees half a .mar

@@ -5,10 +5,10 @@
 #                               127.0.0.1 in the background, wait until every model is ready, print curls
 #   scripts/serve.sh stop       stop it (by PID) and wait for it to exit
 #   scripts/serve.sh archives   only fit the bank (if needed) and build model_store/<name>.mar
-#   scripts/serve.sh models     print the --models arguments (probe=probe.mar classify=classify.mar)
+#   scripts/serve.sh models     print the --models arguments (probe=probe.mar classify=classify.mar intervene=intervene.mar)
 #   scripts/serve.sh status
 #
-# Environment: ARCHIVES (the models, default "probe classify"), MODEL (tiny | SD folder | hub id),
+# Environment: ARCHIVES (the models, default "probe classify intervene"), MODEL (tiny | SD folder | hub id),
 # BANK (probe bank file; for tiny, default runs/tiny-bank/bank.safetensors, fitted when absent),
 # CLASSIFIER, TINY_DECODER, COMPILE, BATCH_SIZE, CONFIG_OVERRIDES, <NAME>_CONFIG_OVERRIDES (see
 # build_archives.sh), STARTUP_WAIT (s, default 1200). State lives in runs/serve/: torchserve.pid,
@@ -19,7 +19,7 @@ ROOT=$PWD
 VENV_BIN=$ROOT/.venv/bin
 STATE=$ROOT/runs/serve
 PIDFILE=$STATE/torchserve.pid
-ARCHIVES=${ARCHIVES:-probe classify}
+ARCHIVES=${ARCHIVES:-probe classify intervene}
 MODEL=${MODEL:-tiny}
 BANK=${BANK:-}
 TINY_BANK=$ROOT/runs/tiny-bank/bank.safetensors
@@ -79,6 +79,7 @@ example_body() {  # a request body worth trying on model $1
     case $1 in
         probe) echo '{"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": 15, "return_steps": [3, 14]}' ;;
         classify) echo '{"prompt": "a lemon", "seed": 0, "steps": 15, "target_class": "lemon", "top_k": 3}' ;;
+        intervene) echo '{"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": 15, "dx": 32, "dy": 0}' ;;
         *) echo '{}' ;;
     esac
 }

@@ -41,12 +41,12 @@ def test_entrypoint_and_scripts_parse():
 
 def test_entrypoint_registers_every_archive():
     """The container serves what `make serve` serves: the archives named by ARCHIVES (default
-    probe and classify), each registered by the --models list serve.sh prints."""
+    probe, classify and intervene), each registered by the --models list serve.sh prints."""
     text = (ROOT / "docker" / "entrypoint.sh").read_text()
-    assert "ARCHIVES=${ARCHIVES:-probe classify}" in text
+    assert "ARCHIVES=${ARCHIVES:-probe classify intervene}" in text
     assert "scripts/serve.sh archives" in text and "$(scripts/serve.sh models)" in text
     assert '--models "${models[@]}"' in text
-    for name in ("probe", "classify"):
+    for name in ("probe", "classify", "intervene"):
         assert (ROOT / "handlers" / f"{name}_handler.py").is_file() and (ROOT / "handlers" / f"{name}-config.yaml").is_file()
 
 

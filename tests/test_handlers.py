@@ -150,3 +150,14 @@ def test_serve_script_registers_every_archive():
     out = subprocess.run([str(ROOT / "scripts" / "serve.sh"), "models"], capture_output=True, text=True, check=True,
                          env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "ARCHIVES": "probe classify"})
     assert out.stdout.split() == ["probe=probe.mar", "classify=classify.mar"]
+    default = subprocess.run([str(ROOT / "scripts" / "serve.sh"), "models"], capture_output=True, text=True,
+                             check=True, env={"PATH": f"{VENV_BIN}:/usr/bin:/bin"})
+    assert default.stdout.split() == ["probe=probe.mar", "classify=classify.mar", "intervene=intervene.mar"]
+
+
+def test_build_archives_refuses_intervene_without_a_bank(tmp_path):
+    """Random probes would move nothing real: the intervene archive needs a bank, and the
+    script says so before building anything."""
+    with pytest.raises(RuntimeError, match="the intervene model needs BANK"):
+        build_archive(tmp_path / "store", archives=["probe", "intervene"])
+    assert not (tmp_path / "store" / "probe.mar").exists()
