@@ -54,10 +54,12 @@ from .serving import (
     RequestError,
     bucket,
     buckets_for,
+    check_generation,
     internal_error,
     make_sampler,
     parse_body,
     png_b64,
+    warm_up,
     worker_info,
 )
 
@@ -167,21 +169,12 @@ class ClassifyService:
                                    f"the image is {image.width}×{image.height} pixels; this service takes at most "
                                    f"{self.max_image_pixels} pixels")
             return _Job(index, req, image.height, image.width, image)
-        if req.steps > self.max_steps:
-            raise RequestError("invalid_request", "steps", f"at most {self.max_steps} steps are served, got {req.steps}")
-        factor = self.model.vae_scale_factor
-        sizes = {}
-        for name in ("height", "width"):
-            side = getattr(req, name)
-            if side is not None and (side > self.max_side or side % factor or side < factor):
-                raise RequestError("invalid_request", name, f"must be a multiple of {factor} between {factor} and "
-                                   f"{self.max_side} for this model, got {side}")
-            sizes[name] = side or self.model.default_size
+        height, width = check_generation(req, self.model, self.max_steps, self.max_side)
         if req.decoder not in self.runners:
             raise RequestError("invalid_request", "decoder",
                                f"no {req.decoder} decoder is configured on this server (handler setting "
                                f"tiny_decoder); use decoder 'vae'")
-        return _Job(index, req, sizes["height"], sizes["width"])
+        return _Job(index, req, height, width)
 
     # --- running ------------------------------------------------------------------------------
     def handle(self, bodies: Sequence[Any], decoded: Sequence[bool] | None = None) -> list[Outcome]:
@@ -305,12 +298,4 @@ class ClassifyService:
         """Compile (or load from the inductor cache) the U-Net graphs of these batch sizes with
         one short request each, and run the classifier once, so the first real request does not
         pay for it."""
-        started = time.perf_counter()
-        body = {"prompt": "warm-up", "steps": 2, **(settings or {})}
-        for size in batch_sizes:
-            outcomes = self.handle([body] * size)
-            bad = [o for o in outcomes if o.status != 200]
-            if bad:
-                raise RuntimeError(f"warm-up request failed: {bad[0].body}")
-        self.worker["warm_s"] = round(time.perf_counter() - started, 3)
-        return self.worker["warm_s"]
+        return warm_up(self, batch_sizes, {"prompt": "warm-up", "steps": 2, **(settings or {})})

@@ -26,7 +26,17 @@ from .intervene_schema import InterveneRequest
 from .models import SDModel, load_model
 from .probes import ProbeBank
 from .schemas import MAX_SERVE_STEPS, ImagePayload, PngScale
-from .serving import Outcome, RequestError, internal_error, make_sampler, parse_body, png_b64, worker_info
+from .serving import (
+    Outcome,
+    RequestError,
+    check_generation,
+    internal_error,
+    make_sampler,
+    parse_body,
+    png_b64,
+    warm_up,
+    worker_info,
+)
 
 DEFAULT_MAX_WORK = 16384
 
@@ -98,20 +108,11 @@ class InterveneService:
 
     def check(self, req: InterveneRequest) -> tuple[list[str], list[int]]:
         """The request against this model, bank and limits → (edited layers, edited steps)."""
-        if req.steps > self.max_steps:
-            raise RequestError("invalid_request", "steps", f"at most {self.max_steps} steps are served, got {req.steps}")
-        factor = self.model.vae_scale_factor
-        size = {}
-        for name in ("height", "width"):
-            side = getattr(req, name)
-            if side is not None and (side > self.max_side or side % factor or side < factor):
-                raise RequestError("invalid_request", name, f"must be a multiple of {factor} between {factor} and "
-                                   f"{self.max_side} for this model, got {side}")
-            size[name] = side or self.model.default_size
+        height, width = check_generation(req, self.model, self.max_steps, self.max_side)
         spec = req.spec()
-        if spec.target_mask is not None and tuple(spec.target_mask.shape) != (size["height"], size["width"]):
+        if spec.target_mask is not None and tuple(spec.target_mask.shape) != (height, width):
             raise RequestError("invalid_request", "target_mask",
-                               f"must be {size['width']}×{size['height']} pixels (the image), got "
+                               f"must be {width}×{height} pixels (the image), got "
                                f"{spec.target_mask.shape[1]}×{spec.target_mask.shape[0]}")
         try:
             layers, steps, _, _ = self.runner.resolve(spec, req.settings())
@@ -171,11 +172,6 @@ class InterveneService:
     # --- start-up -----------------------------------------------------------------------------
     def warm(self, batch_sizes: Sequence[int] = (1,), settings: Mapping[str, Any] | None = None) -> float:
         """One short intervention, so the first request does not pay for compiling."""
-        started = time.perf_counter()
         body = {"prompt": "warm-up", "steps": min(2, self.max_steps), "dx": 8, "edit_steps": [0], "iterations": 2,
                 **(settings or {})}
-        bad = [o for o in self.handle([body]) if o.status != 200]
-        if bad:
-            raise RuntimeError(f"warm-up request failed: {bad[0].body}")
-        self.worker["warm_s"] = round(time.perf_counter() - started, 3)
-        return self.worker["warm_s"]
+        return warm_up(self, (1,), body)

@@ -49,10 +49,12 @@ from .serving import (  # RequestError, Outcome, buckets_for: re-exported, they 
     b64,
     bucket,
     buckets_for,
+    check_generation,
     internal_error,
     make_sampler,
     parse_body,
     png_b64,
+    warm_up,
     worker_info,
 )
 
@@ -165,16 +167,7 @@ class ProbeService:
 
     def plan(self, req: ProbeRequest, index: int = 0) -> _Plan:
         """Check a schema-valid request against this model and bank; resolve layers and steps."""
-        if req.steps > self.max_steps:
-            raise RequestError("invalid_request", "steps", f"at most {self.max_steps} steps are served, got {req.steps}")
-        sizes = {}
-        factor = self.model.vae_scale_factor
-        for name in ("height", "width"):
-            side = getattr(req, name)
-            if side is not None and (side > self.max_side or side % factor or side < factor):
-                raise RequestError("invalid_request", name, f"must be a multiple of {factor} between {factor} and "
-                                   f"{self.max_side} for this model, got {side}")
-            sizes[name] = side or self.model.default_size
+        height, width = check_generation(req, self.model, self.max_steps, self.max_side)
         bank = self.bank
         props = req.properties or bank.properties
         for prop in props:
@@ -202,7 +195,7 @@ class ProbeService:
                                            f"the probe bank has no probe for property {prop!r} on layer {layer!r} at "
                                            f"bank step {j} (request step {step}); it holds {bank.describe()}")
         return _Plan(index, req, layers, choice, {s: bank_steps[s] for s in req.step_indices()},
-                     sizes["height"], sizes["width"])
+                     height, width)
 
     def _timesteps(self, scheduler: str, steps: int) -> list[float]:
         key = (scheduler, steps)
@@ -389,12 +382,4 @@ class ProbeService:
     def warm(self, batch_sizes: Sequence[int] = (1,), settings: Mapping[str, Any] | None = None) -> float:
         """Compile (or load from the inductor cache) the graphs of these batch sizes with one
         short request each, so the first real request does not pay for it."""
-        started = time.perf_counter()
-        body = {"prompt": "warm-up", "steps": 2, **(settings or {})}
-        for size in batch_sizes:
-            outcomes = self.handle([body] * size)
-            bad = [o for o in outcomes if o.status != 200]
-            if bad:
-                raise RuntimeError(f"warm-up request failed: {bad[0].body}")
-        self.worker["warm_s"] = round(time.perf_counter() - started, 3)
-        return self.worker["warm_s"]
+        return warm_up(self, batch_sizes, {"prompt": "warm-up", "steps": 2, **(settings or {})})

@@ -107,6 +107,34 @@ def parse_body(raw: Any, schema: type[M], decoded: bool = False) -> M:
         raise RequestError("invalid_request", where, message) from exc
 
 
+def check_generation(req, model, max_steps: int, max_side: int) -> tuple[int, int]:
+    """A request's steps and image size against a service's limits → (height, width) in pixels
+    (the model's default size where the request gives none), or RequestError naming the field."""
+    if req.steps > max_steps:
+        raise RequestError("invalid_request", "steps", f"at most {max_steps} steps are served, got {req.steps}")
+    factor = model.vae_scale_factor
+    sizes = []
+    for name in ("height", "width"):
+        side = getattr(req, name)
+        if side is not None and (side > max_side or side % factor or side < factor):
+            raise RequestError("invalid_request", name, f"must be a multiple of {factor} between {factor} and "
+                               f"{max_side} for this model, got {side}")
+        sizes.append(side or model.default_size)
+    return sizes[0], sizes[1]
+
+
+def warm_up(service, batch_sizes, body: dict[str, Any]) -> float:
+    """Answer `body` once per batch size (so compiled graphs exist before the first real
+    request); a refusal is a start-up failure. Records and returns the seconds it took."""
+    started = time.perf_counter()
+    for size in batch_sizes:
+        bad = [o for o in service.handle([body] * size) if o.status != 200]
+        if bad:
+            raise RuntimeError(f"warm-up request failed: {bad[0].body}")
+    service.worker["warm_s"] = round(time.perf_counter() - started, 3)
+    return service.worker["warm_s"]
+
+
 def buckets_for(max_batch: int) -> tuple[int, ...]:
     """Padded batch sizes: powers of two below max_batch, and max_batch itself."""
     sizes, b = [], 1

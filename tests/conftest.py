@@ -14,6 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
 
 
+@pytest.fixture(autouse=True)
+def _server_logs_on_failure(request):
+    """Print the TorchServe logs under a failing test that used a `server` fixture (they stay in
+    the module's tmp dir)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and "server" in request.fixturenames:
+        print(request.getfixturevalue("server").logs())
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from ldmprobe.models import load_model

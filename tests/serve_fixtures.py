@@ -16,7 +16,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,26 @@ class Server:
         return "\n".join(out) or f"(no logs under {self.root / 'logs'})"
 
 
+@contextmanager
+def running_server(root: Path, store: Path, models: Sequence[str]) -> Iterator[Server]:
+    """A started Server with `models` registered, free ports, logs printed if the start fails;
+    stopped by PID (and checked gone) on exit. `first_worker` is the first model's worker as it
+    started, to prove later that no request cost a restart."""
+    srv = Server(root, {k: free_port() for k in ("inference", "management", "metrics", "worker")})
+    try:
+        srv.start(store, models=models)
+    except BaseException:
+        print(srv.logs())
+        srv.stop()
+        raise
+    srv.first_worker = srv.describe(models[0])["workers"][0]
+    try:
+        yield srv
+    finally:
+        srv.stop()
+    assert not srv.alive()
+
+
 def build_archive(store: Path, bank: Path | None = None, overrides: dict[str, Any] | None = None,
                   archives: Sequence[str] = ("probe",), per_archive: dict[str, dict[str, Any]] | None = None,
                   env: dict[str, str] | None = None) -> Path:
@@ -221,6 +242,34 @@ def build_archive(store: Path, bank: Path | None = None, overrides: dict[str, An
     if done.returncode:
         raise RuntimeError(f"build_archives.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return store / f"{archives[0]}.mar"
+
+
+# --- fuzzing --------------------------------------------------------------------------------
+FUZZ_SETTINGS = {"deadline": None, "database": None, "derandomize": True}
+
+
+def fuzz_post(server: Server, model: str, session: requests.Session, case: tuple[Any, str | None],
+              timeout: float = 60) -> tuple[requests.Response, str | None, Any]:
+    """Send one fuzz case (body, field at fault) → (response, the field to expect, what was sent).
+    Random bytes that happen to be a JSON object expect no particular field."""
+    body, field = case
+    data = json.dumps(body) if isinstance(body, dict) else body
+    if isinstance(body, bytes):
+        try:
+            if isinstance(json.loads(body), dict):
+                field = None
+        except ValueError:
+            pass
+    headers = {"Authorization": f"Bearer {server.keys['inference']}", "Content-Type": "application/json"}
+    r = session.post(f"{server.inference}/predictions/{model}", data=data, headers=headers, timeout=timeout)
+    return r, field, data
+
+
+def assert_worker_kept(server: Server, model: str) -> None:
+    """The model's worker is the one that started the module: no request cost a restart."""
+    worker = server.describe(model)["workers"][0]
+    assert (worker["pid"], worker["startTime"], worker["status"]) == \
+        (server.first_worker["pid"], server.first_worker["startTime"], "READY")
 
 
 # --- decoding responses ---------------------------------------------------------------------

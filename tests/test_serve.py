@@ -20,14 +20,15 @@ import requests
 from serve_fixtures import (
     BANK_STEPS,
     BEST,
+    FUZZ_SETTINGS,
     MISSING_LAYER,
     STEPS,
-    Server,
     build_archive,
-    free_port,
+    fuzz_post,
     make_test_bank,
     map_array,
     png_array,
+    running_server,
 )
 
 BASE = {"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": STEPS}
@@ -43,26 +44,8 @@ def bank_file(tiny, tmp_path_factory):
 def server(bank_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchserve")
     store = build_archive(root / "store", bank_file, OVERRIDES).parent
-    srv = Server(root, {k: free_port() for k in ("inference", "management", "metrics", "worker")})
-    try:
-        srv.start(store)
-    except BaseException:
-        print(srv.logs())
-        srv.stop()
-        raise
-    srv.first_worker = srv.describe()["workers"][0]
-    yield srv
-    srv.stop()
-    assert not srv.alive()
-
-
-@pytest.fixture(autouse=True)
-def _server_logs_on_failure(request):
-    """Print the TorchServe logs under a failing test (they stay in the module's tmp dir)."""
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed and "server" in request.fixturenames:
-        print(request.getfixturevalue("server").logs())
+    with running_server(root, store, ["probe"]) as srv:
+        yield srv
 
 
 def ok(response: requests.Response) -> dict:
@@ -368,22 +351,12 @@ def test_fuzzed_bad_requests_never_cost_a_worker(server):
     from hypothesis import HealthCheck, given, settings
 
     session = requests.Session()
-    headers = {"Authorization": f"Bearer {server.keys['inference']}", "Content-Type": "application/json"}
     sent = []
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, suppress_health_check=list(HealthCheck), **FUZZ_SETTINGS)
     @given(_fuzz_cases())
     def check(case):
-        body, field = case
-        data = json.dumps(body) if isinstance(body, dict) else body
-        if isinstance(body, bytes):
-            try:
-                if isinstance(json.loads(body), dict):
-                    field = None  # a JSON object by chance: only require a 400 with a body
-            except ValueError:
-                pass
-        r = session.post(f"{server.inference}/predictions/probe", data=data, headers=headers, timeout=60)
+        r, field, data = fuzz_post(server, "probe", session, case)
         sent.append(r.status_code)
         assert r.status_code == 400, (data[:200], r.text[:500])
         got = r.json()

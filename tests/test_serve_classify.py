@@ -25,12 +25,15 @@ from serve_fixtures import (
     CLASSIFY_BASE,
     CLASSIFY_INPUT_SIZE,
     CLASSIFY_LIMITS,
+    FUZZ_SETTINGS,
     SMALL_IMAGE,
     Server,
+    assert_worker_kept,
     build_archive,
-    free_port,
+    fuzz_post,
     png_array,
     png_b64_of,
+    running_server,
 )
 
 MODEL = "classify"
@@ -44,26 +47,8 @@ OVERRIDES = {"maxBatchDelay": 50, "handler": {
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchserve-classify")
     store = build_archive(root / "store", archives=[MODEL], per_archive={MODEL: OVERRIDES}).parent
-    srv = Server(root, {k: free_port() for k in ("inference", "management", "metrics", "worker")})
-    try:
-        srv.start(store, models=[MODEL])
-    except BaseException:
-        print(srv.logs())
-        srv.stop()
-        raise
-    srv.first_worker = srv.describe(MODEL)["workers"][0]
-    yield srv
-    srv.stop()
-    assert not srv.alive()
-
-
-@pytest.fixture(autouse=True)
-def _server_logs_on_failure(request):
-    """Print the TorchServe logs under a failing test (they stay in the module's tmp dir)."""
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed and "server" in request.fixturenames:
-        print(request.getfixturevalue("server").logs())
+    with running_server(root, store, [MODEL]) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -295,22 +280,12 @@ def test_fuzzed_requests_never_cost_a_worker(server):
     from hypothesis import HealthCheck, given, settings
 
     session = requests.Session()
-    headers = {"Authorization": f"Bearer {server.keys['inference']}", "Content-Type": "application/json"}
     sent: list[int] = []
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, suppress_health_check=list(HealthCheck), **FUZZ_SETTINGS)
     @given(_fuzz_cases())
     def check(case):
-        body, field = case
-        data = json.dumps(body) if isinstance(body, dict) else body
-        if isinstance(body, bytes):
-            try:
-                if isinstance(json.loads(body), dict):
-                    field = None  # a JSON object by chance
-            except ValueError:
-                pass
-        r = session.post(f"{server.inference}/predictions/{MODEL}", data=data, headers=headers, timeout=120)
+        r, field, data = fuzz_post(server, MODEL, session, case, timeout=120)
         sent.append(r.status_code)
         assert r.status_code in (200, 400), (data[:200], r.status_code, r.text[:500])
         assert r.headers["content-type"] == "application/json"
@@ -326,11 +301,9 @@ def test_fuzzed_requests_never_cost_a_worker(server):
     started = time.monotonic()
     check()
     assert len(sent) >= FUZZ_EXAMPLES - 10 and 200 in sent and 400 in sent
-    worker = server.describe(MODEL)["workers"][0]
-    assert (worker["pid"], worker["startTime"], worker["status"]) == \
-        (server.first_worker["pid"], server.first_worker["startTime"], "READY")
+    assert_worker_kept(server, MODEL)
     print(f"fuzz: {len(sent)} requests in {time.monotonic() - started:.1f} s: {sent.count(200)} × 200, "
-          f"{sent.count(400)} × 400, worker {worker['pid']} kept")
+          f"{sent.count(400)} × 400, worker {server.first_worker['pid']} kept")
 
 
 LOAD_CLIENTS, LOAD_REQUESTS = 4, 20

@@ -8,15 +8,21 @@ second cold compile here would only add minutes."""
 from __future__ import annotations
 
 import base64
-import io
-import json
 import time
 
 import numpy as np
 import pytest
 import requests
 from conftest import SCENE_BANK_STEPS
-from serve_fixtures import Server, build_archive, free_port, png_array
+from serve_fixtures import (
+    FUZZ_SETTINGS,
+    assert_worker_kept,
+    build_archive,
+    fuzz_post,
+    png_array,
+    png_b64_of,
+    running_server,
+)
 
 BASE = {"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": SCENE_BANK_STEPS,
         "dx": 32, "edit_steps": [0, 1, 2], "iterations": 32}
@@ -26,38 +32,13 @@ OVERRIDES = {"handler": {"compile": False, "max_side": 256, "max_steps": 12, "ma
 FUZZ_EXAMPLES = 120
 
 
-def _png_b64(array: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 @pytest.fixture(scope="module")
 def server(scene_bank, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchserve-intervene")
     store = build_archive(root / "store", scene_bank, archives=("intervene",),
                           per_archive={"intervene": OVERRIDES}).parent
-    srv = Server(root, {k: free_port() for k in ("inference", "management", "metrics", "worker")})
-    try:
-        srv.start(store, models=("intervene",))
-    except BaseException:
-        print(srv.logs())
-        srv.stop()
-        raise
-    srv.first_worker = srv.describe("intervene")["workers"][0]
-    yield srv
-    srv.stop()
-    assert not srv.alive()
-
-
-@pytest.fixture(autouse=True)
-def _server_logs_on_failure(request):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed and "server" in request.fixturenames:
-        print(request.getfixturevalue("server").logs())
+    with running_server(root, store, ["intervene"]) as srv:
+        yield srv
 
 
 def post(server, body, **kw):
@@ -106,7 +87,7 @@ def test_zero_shift_returns_the_unedited_image(server):
 def test_user_mask_and_depth(server):
     mask = np.zeros((128, 128), np.uint8)
     mask[16:64, 64:112] = 255
-    body = ok(post(server, {k: v for k, v in BASE.items() if k != "dx"} | {"target_mask": _png_b64(mask)}))
+    body = ok(post(server, {k: v for k, v in BASE.items() if k != "dx"} | {"target_mask": png_b64_of(mask)}))
     rep = body["success"]["representation"]
     assert rep["dice_to_target"] > rep["dice_baseline"] + 0.3
     assert np.array_equal(png_array(body["masks"]["target"]["png"]), mask)
@@ -140,9 +121,9 @@ BAD = [
     ("mask_not_base64", BASE | {"dx": 0, "target_mask": "***"}, "invalid_request", "target_mask"),
     ("mask_not_png", BASE | {"dx": 0, "target_mask": base64.b64encode(b"GIF89a....").decode()},
      "invalid_request", "target_mask"),
-    ("mask_wrong_size", BASE | {"dx": 0, "target_mask": _png_b64(np.zeros((64, 64), np.uint8))},
+    ("mask_wrong_size", BASE | {"dx": 0, "target_mask": png_b64_of(np.zeros((64, 64), np.uint8))},
      "invalid_request", "target_mask"),
-    ("mask_with_depth", BASE | {"dx": 0, "property": "depth", "target_mask": _png_b64(np.zeros((128, 128), np.uint8))},
+    ("mask_with_depth", BASE | {"dx": 0, "property": "depth", "target_mask": png_b64_of(np.zeros((128, 128), np.uint8))},
      "invalid_request", "request"),
     ("steps_over_service_limit", BASE | {"steps": 20}, "invalid_request", "steps"),
     ("height_not_multiple_of_8", BASE | {"height": 100}, "invalid_request", "height"),
@@ -199,22 +180,12 @@ def test_fuzzed_bad_requests_never_cost_a_worker(server):
     from hypothesis import HealthCheck, given, settings
 
     session = requests.Session()
-    headers = {"Authorization": f"Bearer {server.keys['inference']}", "Content-Type": "application/json"}
     sent = []
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, suppress_health_check=list(HealthCheck), **FUZZ_SETTINGS)
     @given(_fuzz_cases())
     def check(case):
-        body, field = case
-        data = json.dumps(body) if isinstance(body, dict) else body
-        if isinstance(body, bytes):
-            try:
-                if isinstance(json.loads(body), dict):
-                    field = None
-            except ValueError:
-                pass
-        r = session.post(f"{server.inference}/predictions/intervene", data=data, headers=headers, timeout=60)
+        r, field, data = fuzz_post(server, "intervene", session, case)
         sent.append(r.status_code)
         assert r.status_code == 400, (data[:200], r.text[:500])
         got = r.json()
@@ -224,9 +195,7 @@ def test_fuzzed_bad_requests_never_cost_a_worker(server):
 
     check()
     assert len(sent) >= FUZZ_EXAMPLES and set(sent) == {400}
-    worker = server.describe("intervene")["workers"][0]
-    assert (worker["pid"], worker["startTime"], worker["status"]) == \
-        (server.first_worker["pid"], server.first_worker["startTime"], "READY")
+    assert_worker_kept(server, "intervene")
 
 
 @pytest.mark.slow
