@@ -34,7 +34,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
 
 
-def optimisation_case(size: int, seed: int = 0):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def optimisation_case(size: int, seed: int = 0, device: str | torch.device = "cpu"):
     """Activations, probes and translated-mask targets for the decoder layers at SD v1.4 shapes."""
     from ldmprobe import intervene as iv
     from ldmprobe.layers import LayerRegistry
@@ -52,17 +57,18 @@ def optimisation_case(size: int, seed: int = 0):
                       torch.zeros(1), "mask", True, (0.0,), (1.0,))
         own = torch.sigmoid(iv.raw_output(probe, x)).reshape(1, spec.height, spec.width)
         goal = (iv.transform_maps(own, theta, 0.0).flatten() > 0.5).float()
-        acts[name] = x
-        targets.append(iv.LayerTarget(name, probe, goal, "bce"))
+        acts[name] = x.to(device)
+        targets.append(iv.LayerTarget(name, probe, goal.to(device), "bce"))
     return acts, targets, {n: [registry[n].height, registry[n].width, registry[n].channels] for n in acts}
 
 
-def bench_optimisation(size: int, iterations: int, rounds: int) -> dict:
+def bench_optimisation(size: int, iterations: int, rounds: int, device: torch.device) -> dict:
     from ldmprobe import intervene as iv
 
-    acts, targets, shapes = optimisation_case(size)
+    acts, targets, shapes = optimisation_case(size, device=device)
     started = time.perf_counter()
     iv.optimise(acts, targets, iterations=2, compiled=True)  # compile (or load from the inductor cache)
+    sync(device)
     compile_s = time.perf_counter() - started
     variants = {
         "reference": lambda: iv.optimise_reference(acts, targets, iterations=iterations),
@@ -74,8 +80,11 @@ def bench_optimisation(size: int, iterations: int, rounds: int) -> dict:
     initial = None
     for _ in range(rounds):
         for name, fn in variants.items():
+            sync(device)
+            started = time.perf_counter()
             out = fn()
-            times[name].append(out.seconds)
+            sync(device)
+            times[name].append(time.perf_counter() - started)
             finals[name] = out.final_loss
             initial = out.initial_loss
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -156,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank", default=None, help="tiny model's probe bank (default: fit a small one)")
     p.add_argument("--compile", action="store_true", help="tiny model: compile the U-Net (and the Adam step)")
     p.add_argument("--skip-end-to-end", action="store_true")
+    p.add_argument("--device", default="auto", help="optimisation part: auto (cuda if present), cpu, cuda")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    out = {"bench": "intervene", "torch": torch.__version__, "device": "cpu", "cpu_count": os.cpu_count(),
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    out = {"bench": "intervene", "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
            "threads": torch.get_num_threads(), "machine": platform.machine()}
-    out |= bench_optimisation(args.size, args.iterations, args.rounds)
+    out |= bench_optimisation(args.size, args.iterations, args.rounds, device)
     if not args.skip_end_to_end:
         e2e = bench_end_to_end(args.steps, args.dx, args.bank, args.compile)
         out |= {"dice_to_target": e2e.pop("dice_to_target"), "dice_baseline": e2e.pop("dice_baseline"),
