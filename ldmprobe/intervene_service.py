@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from .generate import to_pil
-from .intervene import Intervention, InterventionError, InterventionResult
+from .intervene import Intervention, InterventionError, InterventionResult, InterventionSpec
 from .intervene_schema import InterveneRequest
 from .models import SDModel, load_model
 from .probes import ProbeBank
@@ -101,13 +101,12 @@ class InterveneService:
         return cls(sd, ProbeBank.load(bank, sd), bank_path=bank, **kwargs)
 
     # --- validation ---------------------------------------------------------------------------
-    def parse(self, raw: Any, decoded: bool = False) -> InterveneRequest:
+    def parse(self, raw: Any, decoded: bool = False) -> tuple[InterveneRequest, InterventionSpec]:
         req = parse_body(raw, InterveneRequest, decoded)
-        self.check(req)
-        return req
+        return req, self.check(req)
 
-    def check(self, req: InterveneRequest) -> tuple[list[str], list[int]]:
-        """The request against this model, bank and limits → (edited layers, edited steps)."""
+    def check(self, req: InterveneRequest) -> InterventionSpec:
+        """The request against this model, bank and limits → the spec to run (mask decoded once)."""
         height, width = check_generation(req, self.model, self.max_steps, self.max_side)
         spec = req.spec()
         if spec.target_mask is not None and tuple(spec.target_mask.shape) != (height, width):
@@ -123,7 +122,7 @@ class InterveneService:
             raise RequestError("too_much_work", "iterations",
                                f"iterations × layers × edit steps = {spec.iterations} × {len(layers)} × {len(steps)} = "
                                f"{work}; this server allows at most {self.max_work}")
-        return layers, steps
+        return spec
 
     # --- running ------------------------------------------------------------------------------
     def handle(self, bodies: Sequence[Any], decoded: Sequence[bool] | None = None) -> list[Outcome]:
@@ -132,7 +131,7 @@ class InterveneService:
         for i, raw in enumerate(bodies):
             started = time.perf_counter()
             try:
-                req = self.parse(raw, decoded=bool(decoded and decoded[i]))
+                req, spec = self.parse(raw, decoded=bool(decoded and decoded[i]))
             except RequestError as exc:
                 outcomes.append(Outcome(exc.status, exc.body()))
                 continue
@@ -141,7 +140,7 @@ class InterveneService:
                 continue
             validate_s = time.perf_counter() - started
             try:
-                result = self.runner.run(req.prompt, req.seed, req.spec(), req.settings())
+                result = self.runner.run(req.prompt, req.seed, spec, req.settings())
                 outcomes.append(Outcome(200, self.response(req, result, validate_s, len(bodies), i)))
             except Exception as exc:
                 outcomes.append(internal_error(f"intervention failed: {type(exc).__name__}: {exc}"))
