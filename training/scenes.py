@@ -55,6 +55,13 @@ PATTERN_COLORS = {"white": (0.92, 0.92, 0.92), "black": (0.08, 0.08, 0.08), **GR
 KINDS = ("sphere", "box", "cylinder")
 PATTERNS = ("plain", "checker", "stripes")
 
+# The scenes model's world (training.scenes_model): one plain object of a saturated colour on a plain
+# floor. Narrowed from the full renderer so a 2-core training run learns it within the hour; one
+# salient object per image is also what the study's LAION prompts mostly show. White and black are
+# left out: next to the grey floors they are the colours a palette rule cannot tell from the floor.
+MODEL_COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan")
+MODEL_SCENES = {"max_objects": 1, "colors": MODEL_COLORS, "plain": True}
+
 
 # ---------------------------------------------------------------- scene description
 
@@ -219,9 +226,12 @@ def _pick_material(rng, palette, exclude, p_patterns, scale_range) -> Material:
     return Material(name, rgb, pattern, name2, rgb2, float(rng.uniform(*scale_range)))
 
 
-def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds: Iterable[str] = KINDS) -> SceneSpec:
+def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds: Iterable[str] = KINDS,
+                 colors: Iterable[str] | None = None, plain: bool = False) -> SceneSpec:
     """Draw a random scene. The camera distance is set from the scene's extent, so objects fill
-    roughly 2–80 % of the frame (tested over many seeds)."""
+    roughly 2–80 % of the frame (tested over many seeds). `colors` narrows the object palette,
+    `plain` turns every texture off (objects and floor); the random draws are the same either way
+    up to those choices, so a narrowed distribution is a subset in kind, not a different sampler."""
     seed = rng if isinstance(rng, int) else None
     rng = np.random.default_rng(rng)
     kinds = tuple(kinds)
@@ -229,6 +239,10 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}")
     if max_objects < 1:
         raise ValueError("max_objects must be >= 1")
+    palette = OBJECT_COLORS if colors is None else {c: OBJECT_COLORS[c] for c in colors}
+    if not palette or any(c not in OBJECT_COLORS for c in palette):
+        raise ValueError(f"colors must be a non-empty subset of {tuple(OBJECT_COLORS)}")
+    p_objects, p_ground = ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)) if plain else ((0.5, 0.3, 0.2), (0.6, 0.4, 0.0))
 
     objects: list[SceneObject] = []
     footprints: list[tuple[float, float, float]] = []  # (x, z, radius) on the ground
@@ -254,7 +268,9 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
                 break
         else:
             continue  # no room: fewer objects
-        mat = _pick_material(rng, OBJECT_COLORS, used_colors, (0.5, 0.3, 0.2), (0.15, 0.4))
+        if not set(palette) - used_colors:
+            break  # every colour taken: fewer objects
+        mat = _pick_material(rng, palette, used_colors, p_objects, (0.15, 0.4))
         used_colors.add(mat.color)
         footprints.append((x, z, foot))
         objects.append(SceneObject(kind, (float(x), float(half[1]), float(z)),
@@ -273,7 +289,7 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
     distance = extent / math.sin(math.radians(fov / 2) * fill)
     camera = Camera(target, float(distance), float(rng.uniform(8, 50)), float(rng.uniform(0, 360)), fov)
     # Floor checkers scale with the view, so distant cells don't shrink below a pixel and alias as much.
-    ground = _pick_material(rng, GROUND_COLORS, (), (0.6, 0.4, 0.0), (0.08 * distance, 0.15 * distance))
+    ground = _pick_material(rng, GROUND_COLORS, (), p_ground, (0.08 * distance, 0.15 * distance))
     light = Light(float(rng.uniform(20, 75)), float(rng.uniform(0, 360)), float(rng.uniform(0.1, 0.3)))
     horizon = tuple(float(v) for v in rng.uniform(0.75, 0.95, 3))
     zenith = tuple(float(v) for v in np.clip(np.array([0.3, 0.5, 0.85]) + rng.uniform(-0.15, 0.15, 3), 0, 1))
