@@ -1,0 +1,93 @@
+"""`python -m training.scenes_model train --out DIR` / `evaluate --model scenes`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .train import TrainConfig
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m training.scenes_model",
+                description="Train or evaluate the scenes model (SD v1.4's architecture, scaled down, on rendered scenes).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="VAE, latents, then U-Net + text encoder; resumable: rerun the same command")
+    t.add_argument("--out", required=True, type=Path, help="run folder (new, empty, or a run of the same settings to resume)")
+    defaults = TrainConfig()
+    helps = {
+        "seed": "seed of initialisation, data order and noise", "scenes": "training renders",
+        "size": "image side in pixels (multiple of 64)", "vae_steps": "VAE optimisation steps",
+        "vae_batch": "VAE batch size", "vae_lr": "VAE peak learning rate", "kl_weight": "VAE KL weight",
+        "unet_steps": "U-Net + text encoder steps", "batch": "U-Net global batch size (split across ranks)",
+        "lr": "U-Net peak learning rate (AdamW)", "warmup": "linear warm-up steps",
+        "cfg_dropout": "probability of training on the empty caption", "ema_decay": "EMA decay of exported weights",
+        "checkpoint_every": "steps between atomic checkpoints", "dtype": "dtype of the exported weights",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        t.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name), help=f"{helps[f.name]} (default: {getattr(defaults, f.name)})")
+    t.add_argument("--stop-after", type=int, default=None, help="stop after the checkpoint at this step of the current stage (testing resumption; default: run to the end)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    e = sub.add_parser("evaluate", help="adherence of samples to held-out captions, judged by the label models")
+    e.add_argument("--model", default="scenes", help="model to evaluate: scenes, tiny or a folder (default: scenes)")
+    e.add_argument("--contrast", default="tiny", help="second model evaluated the same way, or 'none' (default: tiny)")
+    e.add_argument("--captions", type=int, default=64, help="held-out captions to sample, one seed each (default: 64)")
+    e.add_argument("--steps", type=int, default=15, help="LMS steps (default: 15, the study's)")
+    e.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5, the study's)")
+    e.add_argument("--out", type=Path, default=None, help="folder for evaluate.json and the PNG grid (default: none)")
+    e.add_argument("--label-models", default=None, help="label-model folder (default: the shipped scenes label models)")
+    return p
+
+
+def _check(p: argparse.ArgumentParser, args) -> None:
+    if args.command == "train":
+        for name in ("scenes", "vae_steps", "vae_batch", "unet_steps", "batch", "checkpoint_every"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        if args.size % 64 or args.size < 64:
+            p.error(f"--size: must be a multiple of 64, got {args.size}")
+        if args.dtype not in ("float16", "float32", "bfloat16"):
+            p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
+        if not 0 <= args.cfg_dropout < 1:
+            p.error(f"--cfg-dropout: must be in [0, 1), got {args.cfg_dropout}")
+    else:
+        if args.captions < 1 or args.steps < 1:
+            p.error("--captions and --steps must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    if args.command == "train":
+        from .train import Trainer
+
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        try:
+            trainer = Trainer(args.out, cfg, progress=not args.no_progress, stop_after=args.stop_after)
+        except ValueError as exc:
+            p.error(f"--out: {exc}")
+        job = trainer.run()
+        if trainer.dist.main:
+            print(json.dumps({"out": str(args.out), "wall_s": job["wall_s"], "loss": job.get("loss", {}),
+                              "done": (args.out / "model").is_dir()}))
+        return 0
+    from .evaluate import run_evaluation
+
+    print(json.dumps(run_evaluation(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Component configs of the scenes model and its tokenizer.
+
+The U-Net has SD v1.4's block structure (CrossAttnDown ×3 + Down, a cross-attention mid block,
+Up + CrossAttnUp ×3, two resnets per block), so the layer registry finds the same 16 attn1 layers
+(`enc1.0 … dec4.2`). Widths were chosen by measured training speed on 2 CPU cores at batch 32:
+(32, 64, 64, 64) costs 0.76 s/step (3.3 M parameters); (48, 64, 96, 96) cost 4× more. The VAE
+down-samples ×8 to 4 latent channels like SD's; its narrow first block (16 channels at 128²)
+keeps a training step under a second. The text encoder is a 2-layer CLIP text transformer over a
+word-level BPE vocabulary: every caption word is one token, as in CLIP for common words.
+The noise schedule is SD's (scaled_linear 0.00085–0.012, 1000 steps, epsilon prediction).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ldmprobe.models import sd_v1_4_config
+
+UNET = {
+    "sample_size": 16,  # 16×16 latents → 128×128 images
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,  # diffusers' name for the number of heads in SD-style configs
+    "norm_num_groups": 8,
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [16, 32, 64, 64],  # four blocks → ×8 down-sampling, as SD's VAE
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": 128,
+    "scaling_factor": 1.0,  # replaced after VAE training by 1 / std of the latents, as SD's 0.18215
+}
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+# Every word the renderer's captions use (training.scenes.scene_prompt), even outside the model's world.
+WORDS = ("a an and on floor sphere box cube cylinder checkered striped red green blue yellow orange purple pink "
+         "cyan white black grey beige brown light dark").split()
+
+
+def scheduler_config() -> dict:
+    """SD v1.4's scheduler config: the study's noise schedule and LMS settings apply unchanged."""
+    return sd_v1_4_config("scheduler")
+
+
+def build_tokenizer():
+    """A CLIPTokenizer whose BPE merges build each caption word into one token; other text falls back
+    to byte-level characters (never an error). Deterministic: merges come from a fixed word list."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=100_000, special_tokens=[], initial_alphabet=alphabet,
+                                  end_of_word_suffix="</w>", min_frequency=1, show_progress=False)
+    bpe.train_from_iterator([" ".join(WORDS)], trainer)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    vocab: dict[str, int] = {}
+    for symbol in [*alphabet, *(ch + "</w>" for ch in alphabet), *(a + b for a, b in merges)]:
+        vocab.setdefault(symbol, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_components(seed: int):
+    """Fresh (untrained) U-Net, VAE and text encoder, deterministic for a seed, plus the tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**VAE)
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                                 eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **TEXT)
+    text_encoder = CLIPTextModel(text_config)
+    return unet, vae, text_encoder, tokenizer

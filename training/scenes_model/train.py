@@ -1,0 +1,316 @@
+"""Train the scenes model: the VAE on renders, latents cached, then the U-Net and the text encoder.
+
+Every random draw of step s comes from a generator seeded with (seed, stage, s), and checkpoints
+(atomic, every `checkpoint_every` steps) hold weights, EMA weights and optimizer moments: a killed
+job rerun with the same command continues and ends with the weights an uninterrupted run has.
+Under torchrun each rank takes its slice of every global batch and DDP averages the gradients
+(gloo on CPU, nccl on GPU), so the global batch and the draws do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmprobe.atomic import write_json
+
+from ..fit import Dist, init_dist
+from . import checkpoint
+from .architecture import build_components, scheduler_config
+from .data import render_training_set, to_tensor
+
+STAGE_IDS = {"vae": 1, "latents": 2, "unet": 3}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; recorded in job.json, and a rerun must match it to resume."""
+
+    seed: int = 0
+    scenes: int = 12000  # training renders (held-out captions never among them)
+    size: int = 128
+    vae_steps: int = 800
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6  # SD's KL weight: latents stay close to deterministic
+    unet_steps: int = 3500
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    cfg_dropout: float = 0.1  # captions replaced by "" so the model also learns the unconditional score
+    ema_decay: float = 0.999
+    checkpoint_every: int = 100
+    dtype: str = "float16"  # weights of the exported folder
+
+
+def _generator(seed: int, stage: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + STAGE_IDS[stage] * 100_003 + step)
+
+
+def _lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return base * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, total))))
+
+
+class _VAELoss(torch.nn.Module):
+    """Reconstruction (L1 + MSE) of a posterior sample plus a small KL: one module for DDP to wrap."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * eps
+        rec = self.vae.decode(z).sample
+        return (rec - x).abs().mean() + F.mse_loss(rec, x) + self.kl_weight * posterior.kl().mean()
+
+
+class _DenoiseLoss(torch.nn.Module):
+    """Epsilon-prediction MSE of the U-Net conditioned on the (trained) text encoder."""
+
+    def __init__(self, unet, text_encoder, noise_scheduler):
+        super().__init__()
+        self.unet, self.text_encoder, self.sched = unet, text_encoder, noise_scheduler
+
+    def forward(self, latents, ids, noise, t) -> torch.Tensor:
+        noisy = self.sched.add_noise(latents, noise, t)
+        cond = self.text_encoder(ids)[0]
+        return F.mse_loss(self.unet(noisy, t, cond).sample, noise)
+
+
+class Trainer:
+    def __init__(self, out: Path, cfg: TrainConfig, progress: bool = True, stop_after: int | None = None):
+        self.out, self.cfg, self.progress, self.stop_after = Path(out), cfg, progress, stop_after
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist: Dist = init_dist(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.world))
+        self.unet, self.vae, self.text_encoder, self.tokenizer = build_components(cfg.seed)
+        self.job_path = self.out / "job.json"
+        self.job = self._job()
+
+    # ---- bookkeeping
+    def _job(self) -> dict:
+        config = dataclasses.asdict(self.cfg)
+        if self.job_path.is_file():
+            job = json.loads(self.job_path.read_text())
+            if job.get("config") != config:
+                raise ValueError(f"{self.out} holds a run with other settings: {job.get('config')}; use another --out")
+            return job
+        if self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"{self.out} exists and holds something else; use an empty or new --out")
+        job = {"job": "training.scenes_model", "config": config, "wall_s": {}, "world_size": self.dist.world,
+               "device": self.device.type, "torch": torch.__version__}
+        if self.dist.main:
+            write_json(self.job_path, job)
+        return job
+
+    def _add_time(self, stage: str, seconds: float) -> None:
+        self.job["wall_s"][stage] = round(self.job["wall_s"].get(stage, 0.0) + seconds, 1)
+        if self.dist.main:
+            write_json(self.job_path, self.job)
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.dist.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _slice(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.dist.rank::self.dist.world]
+
+    # ---- stages
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        data = render_training_set(self.out / "data", self.cfg.scenes, self.cfg.size, self.progress and self.dist.main) \
+            if self.dist.main else None
+        self._barrier()
+        if data is None:
+            data = render_training_set(self.out / "data", self.cfg.scenes, self.cfg.size, False)
+        if "render" not in self.job["wall_s"]:
+            self._add_time("render", time.perf_counter() - t0)
+        self.captions = data["captions"]
+        images = data["images"]
+        if not self._train_vae(images):
+            return self.job
+        latents = self._latents(images)
+        if not self._train_unet(latents):
+            return self.job
+        if self.dist.main:
+            self.export()
+        self._barrier()
+        return self.job
+
+    def _train_vae(self, images: np.ndarray) -> bool:
+        cfg, path = self.cfg, self.out / "vae.checkpoint.safetensors"
+        vae = self.vae.to(self.device).train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        step = checkpoint.load(path, {"vae": vae}, opt)["step"] if path.is_file() else 0
+        if step >= cfg.vae_steps:
+            return True
+        model = self._wrap(_VAELoss(vae, cfg.kl_weight))
+        return self._loop("vae", model, opt, step, cfg.vae_steps, cfg.vae_lr, path, {"vae": vae},
+                          lambda s, g: self._vae_batch(images, g))
+
+    def _vae_batch(self, images: np.ndarray, g: torch.Generator):
+        cfg = self.cfg
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
+        flip = torch.rand(cfg.vae_batch, generator=g) < 0.5
+        lat = cfg.size // 8
+        eps = torch.randn(cfg.vae_batch, 4, lat, lat, generator=g)
+        idx, flip, eps = self._slice(idx), self._slice(flip), self._slice(eps)
+        x = to_tensor(images[idx.numpy()])
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.to(self.device), eps.to(self.device)
+
+    def _loop(self, stage, model, opt, step, total, base_lr, path, saved, batch_fn, ema=None) -> bool:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        t0, losses = time.perf_counter(), []
+        bar = tqdm(total=total, initial=step, desc=f"train {stage}", unit="step", disable=not (self.progress and self.dist.main))
+        while step < total:
+            for group in opt.param_groups:
+                group["lr"] = _lr(base_lr, step, total, cfg.warmup)
+            loss = model(*batch_fn(step, _generator(cfg.seed, stage, step)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            step += 1
+            if ema is not None:
+                ema.update(step)
+            losses.append(float(loss))
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if step % cfg.checkpoint_every == 0 or step == total:
+                if self.dist.main:
+                    checkpoint.save(path, saved, opt, {"step": step, "loss": float(np.mean(losses[-50:]))})
+                    self.job.setdefault("loss", {})[stage] = round(float(np.mean(losses[-50:])), 5)
+                self._barrier()
+                self._add_time(stage, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                if self.stop_after is not None and step >= self.stop_after:
+                    bar.close()
+                    return False
+        bar.close()
+        return True
+
+    @torch.no_grad()
+    def _latents(self, images: np.ndarray) -> torch.Tensor:
+        """Posterior means of every render and its mirror image, scaled to unit variance (the
+        VAE's scaling_factor is set to 1 / std, as SD's 0.18215 was)."""
+        path = self.out / "latents.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        from ldmprobe.atomic import atomic_path
+
+        vae = self.vae.eval()
+        if not path.is_file() and self.dist.main:
+            t0 = time.perf_counter()
+            origs, mirrors = [], []
+            for i in range(0, len(images), 64):
+                x = to_tensor(images[i:i + 64]).to(self.device)
+                origs.append(vae.encode(x).latent_dist.mean.cpu())
+                mirrors.append(vae.encode(x.flip(-1)).latent_dist.mean.cpu())
+            lat = torch.stack([torch.cat(origs), torch.cat(mirrors)])  # [2, N, 4, h, w]
+            scale = float(1.0 / lat.std())
+            with atomic_path(path) as tmp:
+                save_file({"latents": lat.contiguous(), "scaling_factor": torch.tensor(scale)}, str(tmp))
+            self._add_time("latents", time.perf_counter() - t0)
+        self._barrier()
+        data = load_file(str(path))
+        scale = float(data["scaling_factor"])
+        vae.register_to_config(scaling_factor=scale)
+        self.job["scaling_factor"] = scale
+        return data["latents"].flatten(0, 1) * scale  # index i < N: render i; N + i: its mirror
+
+    def _train_unet(self, latents: torch.Tensor) -> bool:
+        from diffusers import DDPMScheduler
+
+        cfg, path = self.cfg, self.out / "unet.checkpoint.safetensors"
+        unet, text = self.unet.to(self.device).train(), self.text_encoder.to(self.device).train()
+        params = [*unet.parameters(), *text.parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+        ema = _EMA({"unet": unet, "text_encoder": text}, cfg.ema_decay)
+        saved = {"unet": unet, "text_encoder": text, "ema_unet": ema.shadow["unet"], "ema_text_encoder": ema.shadow["text_encoder"]}
+        step = checkpoint.load(path, saved, opt)["step"] if path.is_file() else 0
+        if step >= cfg.unet_steps:
+            return True
+        ids = self.tokenizer(self.captions + [""], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        ids, empty = ids[:-1], ids[-1]
+        n = len(self.captions)
+        noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+        model = self._wrap(_DenoiseLoss(unet, text, noise_scheduler))
+
+        def batch(step, g):
+            idx = torch.randint(2 * n, (cfg.batch,), generator=g)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
+            noise = torch.randn(cfg.batch, *latents.shape[1:], generator=g)
+            drop = torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout
+            tok = torch.where(drop[:, None], empty[None], ids[idx % n])
+            return tuple(self._slice(v).to(self.device) for v in (latents[idx], tok, noise, t))
+
+        return self._loop("unet", model, opt, step, cfg.unet_steps, cfg.lr, path, saved, batch, ema=ema)
+
+    def export(self) -> Path:
+        """The EMA weights as a diffusers-format folder `out/model` (atomic: built beside, renamed)."""
+        from ldmprobe.models import SDModel, save_model
+
+        saved = {"ema_unet": _EMA.fresh(self.unet), "ema_text_encoder": _EMA.fresh(self.text_encoder)}
+        checkpoint.load(self.out / "unet.checkpoint.safetensors", saved, None)
+        self.unet.load_state_dict(saved["ema_unet"], strict=False)
+        self.text_encoder.load_state_dict(saved["ema_text_encoder"], strict=False)
+        dtype = getattr(torch, self.cfg.dtype)
+        modules = [m.to("cpu", dtype).eval() for m in (self.unet, self.vae, self.text_encoder)]
+        model = SDModel(*modules, self.tokenizer, scheduler_config(), "scenes", torch.device("cpu"), dtype, "sdpa")
+        final, tmp = self.out / "model", self.out / "model.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for m in modules:
+            m.float()
+        return final
+
+
+class _EMA:
+    """Exponential moving average of the float weights, decay warmed up as (1 + s) / (10 + s)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.modules, self.decay = modules, decay
+        self.shadow = {name: self.fresh(m) for name, m in modules.items()}
+
+    @staticmethod
+    def fresh(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for name, module in self.modules.items():
+            shadow = self.shadow[name]
+            for k, v in module.state_dict().items():
+                if k in shadow:
+                    shadow[k].lerp_(v, 1 - d)
