@@ -1,6 +1,7 @@
-"""Model sources: the built-in `tiny` model, a local diffusers folder, or a hub id.
+"""Model sources: the built-in `scenes` (trained here) and `tiny` (random) models, a local diffusers
+folder, or a hub id.
 
-All three produce the same `SDModel`: U-Net, VAE, CLIP text encoder + tokenizer, scheduler
+All of them produce the same `SDModel`: U-Net, VAE, CLIP text encoder + tokenizer, scheduler
 config, device/dtype and the attention backend. Nothing here knows about capture; the
 capturing wrapper (ldmprobe.capture) is built on top of `SDModel.unet`.
 """
@@ -20,6 +21,11 @@ from .layers import LayerRegistry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SD_V1_4_DIR = CONFIG_DIR / "sd-v1-4"
+# The scenes model: SD v1.4's architecture scaled down, trained on rendered scenes (training.scenes_model),
+# shipped as a diffusers folder with its model card; `world.json` names the scene distribution it learned.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SCENES_DIR = WEIGHTS_DIR / "scenes"
+BUILTIN_MODELS = ("scenes", "tiny")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 # The tiny model has exactly SD v1.4's block structure (CrossAttnDown×3 + Down, cross-attention
@@ -237,6 +243,7 @@ class SDModel:
     device: torch.device
     dtype: torch.dtype
     attention: str
+    folder: Path | None = None  # where the weights were read from (None: built in code, e.g. tiny)
     identity: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -265,22 +272,38 @@ class SDModel:
         ids = tokens.input_ids.to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
+    def world(self) -> dict[str, Any] | None:
+        """The scene distribution the model was trained on (`world.json` of its folder), if it says."""
+        path = self.folder / "world.json" if self.folder else None
+        return json.loads(path.read_text()) if path and path.is_file() else None
+
     def metadata(self) -> dict[str, Any]:
         return {"model": self.source, "model_identity": self.identity, "attention": self.attention,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
 
 
-def load_model(source: str = "tiny", device: str | torch.device | None = None,
+def scenes_folder() -> Path:
+    """The shipped scenes model's folder; a clear error where this checkout lacks it."""
+    if not (SCENES_DIR / "unet" / "config.json").is_file():
+        raise ModelSourceError(
+            f"the built-in scenes model is not in {SCENES_DIR}; train it with "
+            "`python -m training.scenes_model train --out runs/scenes-model` and copy runs/scenes-model/model there")
+    return SCENES_DIR
+
+
+def load_model(source: str = "scenes", device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, attention: str = "sdpa") -> SDModel:
-    """Load `tiny`, a local diffusers folder, or a hub id (downloaded when the network allows)."""
+    """Load `scenes` (the shipped trained model), `tiny` (random weights), a local diffusers folder,
+    or a hub id (downloaded when the network allows)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     processor = attention_processor(attention, dev)  # fail before loading gigabytes
     source = str(source)
+    path = None
     if source == "tiny":
         parts = _build_tiny()
     else:
-        path = Path(source).expanduser()
+        path = scenes_folder() if source == "scenes" else Path(source).expanduser()
         looks_like_hub_id = (not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")))
         if looks_like_hub_id:
             path = _download(source)
@@ -291,7 +314,7 @@ def load_model(source: str = "tiny", device: str | torch.device | None = None,
             module.to(dtype=dt)
         module.to(device=dev).eval().requires_grad_(False)
     unet.set_attn_processor(processor)
-    return SDModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, dev, dt, attention)
+    return SDModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, dev, dt, attention, path)
 
 
 def save_model(model: SDModel, path: str | Path) -> Path:

@@ -45,16 +45,19 @@ class SceneSource:
 
     mode = "noised"
 
-    def __init__(self, sampler: Sampler, settings: GenerationSettings, layers: tuple[str, ...], seeds: list[int]):
+    def __init__(self, sampler: Sampler, settings: GenerationSettings, layers: tuple[str, ...], seeds: list[int],
+                 render_options: dict | None = None):
         self.sampler, self.settings, self.layers = sampler, settings, layers
         self.ids = [str(s) for s in seeds]
+        # The scene distribution: the model's own world (world.json of a trained model) or the full renderer.
+        self.render_options = dict(render_options or {})
 
     def batch(self, ids: list[str]) -> Batch:
         from .scenes import render_scene
 
         h = self.settings.height or self.sampler.model.default_size
         w = self.settings.width or self.sampler.model.default_size
-        scenes = [render_scene(int(i), (h, w)) for i in ids]
+        scenes = [render_scene(int(i), (h, w), **self.render_options) for i in ids]
         images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in scenes])
         acts = self.sampler.noised_activations(images, [s.prompt for s in scenes], [int(i) for i in ids],
                                                self.settings, self.layers)
@@ -62,7 +65,8 @@ class SceneSource:
 
     def describe(self) -> dict:
         return {"mode": self.mode, "data": "procedural scenes (training.scenes)", "labels": "exact (rendered)",
-                "seeds": [int(self.ids[0]), int(self.ids[-1])] if self.ids else []}
+                "seeds": [int(self.ids[0]), int(self.ids[-1])] if self.ids else [],
+                "render_options": self.render_options}
 
 
 class PromptSource:

@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["noised", "generated"], default="noised")
     p.add_argument("--scenes", type=int, default=96, help="noised mode: training scenes (seeds 0…N-1)")
     p.add_argument("--test-scenes", type=int, default=32, help=f"noised mode: test scenes (seeds {TEST_SEED_OFFSET}+)")
+    p.add_argument("--world", choices=["auto", "full"], default="auto",
+                   help="noised mode: scene distribution; auto = the model's own world (world.json of a trained "
+                        "model such as scenes), else the renderer's full one (default: auto)")
     p.add_argument("--prompts", type=Path, default=None, help="generated mode: training prompts (CSV or text)")
     p.add_argument("--test-prompts", type=Path, default=None, help="generated mode: test prompts")
     p.add_argument("--base-seed", type=int, default=0, help="seed of the first prompt of a text prompt file")
@@ -330,8 +333,10 @@ def _sources(args, sampler, settings, layers):
     if args.mode == "noised":
         if args.scenes < 2 or args.test_scenes < 1:
             raise JobError("--scenes must be ≥ 2 and --test-scenes ≥ 1")
-        return (SceneSource(sampler, settings, layers, list(range(args.scenes))),
-                SceneSource(sampler, settings, layers, list(range(TEST_SEED_OFFSET, TEST_SEED_OFFSET + args.test_scenes))))
+        world = (sampler.model.world() or {}).get("render_options") if args.world == "auto" else None
+        return (SceneSource(sampler, settings, layers, list(range(args.scenes)), world),
+                SceneSource(sampler, settings, layers, list(range(TEST_SEED_OFFSET, TEST_SEED_OFFSET + args.test_scenes)),
+                            world))
     train_items = load_prompts(args.prompts or study_split("train"), args.base_seed, args.limit)
     test_items = load_prompts(args.test_prompts or study_split("test"), args.base_seed, args.limit)
     if not args.labels:

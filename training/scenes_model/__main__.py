@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5, the study's)")
     e.add_argument("--out", type=Path, default=None, help="folder for evaluate.json and the PNG grid (default: none)")
     e.add_argument("--label-models", default=None, help="label-model folder (default: the shipped scenes label models)")
+    s = sub.add_parser("ship", help="copy a finished run's model (+ its bank) into the package with a model card")
+    s.add_argument("--run", required=True, type=Path, help="the finished training run folder")
+    s.add_argument("--to", type=Path, default=None, help="destination (default: ldmprobe/weights/scenes)")
+    s.add_argument("--bank", type=Path, default=None, help="probe bank fitted for the model, shipped as bank.safetensors (default: none)")
+    s.add_argument("--figures", type=Path, action="append", default=[],
+                   help="JSON files of evaluation figures to put in the card, as NAME=PATH (repeatable; default: none)")
+    s.add_argument("--command", dest="train_command", default=None,
+                   help="the exact training command for the card (default: the run's train.cmd file)")
     return p
 
 
@@ -61,9 +69,18 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
         if not 0 <= args.cfg_dropout < 1:
             p.error(f"--cfg-dropout: must be in [0, 1), got {args.cfg_dropout}")
+    elif args.command == "evaluate":
+        if args.captions < 1:
+            p.error(f"--captions: must be >= 1, got {args.captions}")
+        if args.steps < 1:
+            p.error(f"--steps: must be >= 1, got {args.steps}")
     else:
-        if args.captions < 1 or args.steps < 1:
-            p.error("--captions and --steps must be >= 1")
+        if not (args.run / "model").is_dir() or not (args.run / "job.json").is_file():
+            p.error(f"--run: {args.run} is not a finished training run (no model/ or job.json)")
+        for spec in args.figures:
+            name, _, path = str(spec).partition("=")
+            if not name or not Path(path).is_file():
+                p.error(f"--figures: expected NAME=PATH of an existing JSON file, got {spec!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.dist.main:
             print(json.dumps({"out": str(args.out), "wall_s": job["wall_s"], "loss": job.get("loss", {}),
                               "done": (args.out / "model").is_dir()}))
+        return 0
+    if args.command == "ship":
+        from ldmprobe.models import SCENES_DIR
+
+        from .ship import ship
+
+        figures = {}
+        for spec in args.figures:
+            name, _, path = str(spec).partition("=")
+            figures[name] = json.loads(Path(path).read_text())
+        command = args.train_command or (args.run / "train.cmd").read_text().strip()
+        card = ship(args.run, args.to or SCENES_DIR, command, figures,
+                    {"bank.safetensors": args.bank} if args.bank else None)
+        print(json.dumps({"to": str(args.to or SCENES_DIR), "bytes_total": card["bytes_total"],
+                          "files": len(card["sha256"])}))
         return 0
     from .evaluate import run_evaluation
 

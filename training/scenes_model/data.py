@@ -114,6 +114,13 @@ def render_training_set(out: Path, count: int, size: int, progress: bool = True)
     return {"images": array, "captions": captions, "seeds": seeds}
 
 
+def world() -> dict:
+    """What a model trained on this data learned, for the folder's world.json: the fit job's noised mode
+    renders scenes from `render_options`, evaluation uses the held-out captions."""
+    return {"render_options": {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_SCENES.items()},
+            "captions": "training.scenes.scene_prompt", "held_out_captions": [c["caption"] for c in held_out_captions()]}
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] → float [N, 3, H, W] in [-1, 1], the VAE's input range."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -27,7 +27,7 @@ from ldmprobe.atomic import write_json
 from ..fit import Dist, init_dist
 from . import checkpoint
 from .architecture import build_components, scheduler_config
-from .data import render_training_set, to_tensor
+from .data import render_training_set, to_tensor, world
 
 STAGE_IDS = {"vae": 1, "latents": 2, "unet": 3}
 
@@ -288,6 +288,7 @@ class Trainer:
         final, tmp = self.out / "model", self.out / "model.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tmp)
+        write_json(tmp / "world.json", world())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for m in modules:

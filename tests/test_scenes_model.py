@@ -1,0 +1,223 @@
+"""The scenes model: its training job (determinism, kill and resume, torchrun), its data split, and the
+shipped weights (sha256, deterministic sampling, a known answer for its probe bank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.scenes import MODEL_SCENES, render_scene
+from training.scenes_model.architecture import WORDS, build_tokenizer
+from training.scenes_model.data import held_out_captions, held_out_scenes, is_held_out, triple
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--scenes", "24", "--size", "64", "--vae-steps", "4", "--vae-batch", "4", "--unet-steps", "6",
+         "--batch", "4", "--checkpoint-every", "2", "--warmup", "2", "--no-progress"]
+
+
+def _train(out: Path, *extra: str, env_extra: dict | None = None, wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "training.scenes_model", "train", "--out", str(out), *SMALL, *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    """Weights + EMA weights + optimizer moments of the final U-Net checkpoint, and the VAE's."""
+    out = {f"unet:{k}": v for k, v in load_file(str(run / "unet.checkpoint.safetensors")).items()}
+    out.update({f"vae:{k}": v for k, v in load_file(str(run / "vae.checkpoint.safetensors")).items()})
+    return out
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_held_out_captions_never_occur_in_training_renders():
+    held = {c["caption"] for c in held_out_captions()}
+    assert len(held) == 64
+    seen = set()
+    for seed in range(400):
+        scene = render_scene(seed, 32, **MODEL_SCENES)
+        if not is_held_out(*triple(scene.spec)):
+            seen.add(scene.prompt)
+    assert seen and not (seen & held)
+    # each held-out caption is a new combination of a (colour, kind) pair that training does show
+    pairs_seen = {(c.split()[1], c.split()[2]) for c in seen}
+    assert any((c.split()[1], c.split()[2]) in pairs_seen for c in held)
+
+
+def test_held_out_scenes_render_exactly_their_captions():
+    scenes = held_out_scenes(10, 32)
+    assert [s.prompt for s in scenes] == [c["caption"] for c in held_out_captions()[:10]]
+
+
+def test_tokenizer_makes_every_caption_word_one_token():
+    tok = build_tokenizer()
+    for word in WORDS:
+        ids = tok(word).input_ids
+        assert len(ids) == 3, (word, tok.convert_ids_to_tokens(ids))  # BOS, the word, EOS
+    pieces = tok.convert_ids_to_tokens(tok("a zebra").input_ids)[2:-1]
+    assert len(pieces) > 1 and "".join(pieces).replace("</w>", "") == "zebra"  # unknown words: pieces, no error
+
+
+# ---------------------------------------------------------------- the training job
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    full = _train(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    line = json.loads(full.stdout.strip().splitlines()[-1])
+    assert line["done"] and set(line["wall_s"]) == {"render", "vae", "latents", "unet"}
+    again = _train(tmp_path / "again")
+    assert again.returncode == 0
+    reference = _weights(tmp_path / "full")
+    assert all(torch.equal(v, _weights(tmp_path / "again")[k]) for k, v in reference.items())
+
+    # a real kill (SIGKILL) in the middle of the U-Net stage, then the same command again
+    killed = tmp_path / "killed"
+    proc = _train(killed, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "unet.checkpoint.safetensors").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()  # it died before finishing
+    resumed = _train(killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = _weights(killed)
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(v, got[k]) for k, v in reference.items())
+
+    # the exported folder loads through the library and generates an image
+    from ldmprobe.generate import Sampler
+    from ldmprobe.models import load_model
+    from ldmprobe.schemas import GenerationSettings
+
+    model = load_model(str(killed / "model"))
+    assert model.world()["render_options"]["max_objects"] == 1
+    assert len(model.registry()) == 16
+    img = Sampler(model).generate(["a red sphere on a grey floor"], [0], GenerationSettings(steps=2)).images
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    one = _train(tmp_path / "one")
+    assert one.returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "training.scenes_model",
+                          "train", "--out", str(tmp_path / "two"), *SMALL], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    weights = [k for k in a if "optim" not in k]
+    # the same global batches and draws: equal up to the order of the gradient all-reduce
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in weights) < 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--out", "X", "--size", "100"], "--size"),
+    (["train", "--out", "X", "--unet-steps", "0"], "--unet-steps"),
+    (["train", "--out", "X", "--dtype", "int8"], "--dtype"),
+    (["train", "--out", "X", "--cfg-dropout", "1.5"], "--cfg-dropout"),
+    (["evaluate", "--captions", "0"], "--captions"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
+    from training.scenes_model.__main__ import main
+
+    args = [str(tmp_path / "o") if a == "X" else a for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_an_out_folder_of_other_settings_is_refused(tmp_path, capsys):
+    from training.scenes_model.__main__ import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "job.json").write_text(json.dumps({"config": {"seed": 99}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "run"), *SMALL])
+    assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the shipped model
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from ldmprobe.models import load_model
+
+    return load_model("scenes")
+
+
+def test_shipped_files_match_their_card():
+    from ldmprobe.models import SCENES_DIR
+    from training.scenes_model.ship import file_hashes
+
+    card = json.loads((SCENES_DIR / "card.json").read_text())
+    assert file_hashes(SCENES_DIR) == card["sha256"]  # every file, nothing more, nothing less
+    assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors", "bank.safetensors", "world.json"} <= set(card["sha256"])
+    assert card["bytes_total"] <= 10 * 2**20
+    assert card["wall_min_total"] <= 90 and card["command"].startswith(("OMP_NUM_THREADS", "python", ".venv"))
+
+
+def test_shipped_model_has_sd_structure_and_unit_variance_latents(scenes):
+    registry = scenes.registry()
+    assert len(registry) == 16 and registry["dec4.0"].height == 16  # 128² images, 16² latents
+    assert scenes.unet.config.cross_attention_dim == scenes.text_encoder.config.hidden_size
+    from ldmprobe.generate import Sampler
+
+    scene_images = torch.stack([torch.from_numpy(render_scene(s, 128, **MODEL_SCENES).image).permute(2, 0, 1).float() / 255
+                                for s in range(2_000_000, 2_000_016)])
+    latents = Sampler(scenes).encode(scene_images)
+    assert 0.7 < float(latents.std()) < 1.3  # scaling_factor = 1 / std, as SD's 0.18215
+
+
+def test_same_seed_same_image(scenes):
+    from ldmprobe.generate import Sampler
+    from ldmprobe.schemas import GenerationSettings
+
+    sampler, settings = Sampler(scenes), GenerationSettings(steps=6)
+    a = sampler.generate(["a red sphere on a grey floor"] * 2, [7, 8], settings, layers="none").images
+    b = sampler.generate(["a red sphere on a grey floor"], [7], settings, layers="none").images
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], a[1])
+
+
+def test_shipped_bank_finds_the_object_on_rendered_scenes(scenes):
+    """Known answer: the bank's best foreground probe at the last step, on 8 renders it was not fitted on
+    (noised mode, exact masks), finds the object with Dice >= 0.8."""
+    from ldmprobe.generate import Sampler
+    from ldmprobe.metrics import dice
+    from ldmprobe.models import SCENES_DIR
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.schemas import GenerationSettings
+
+    bank = ProbeBank.load(SCENES_DIR / "bank.safetensors", scenes)
+    last = max(bank.steps)
+    best = max((p for p in bank if p.property == "foreground" and p.step == last), key=lambda p: p.metrics["dice"])
+    renders = [render_scene(s, 128, **MODEL_SCENES) for s in range(3_000_000, 3_000_008)]
+    images = torch.stack([torch.from_numpy(r.image).permute(2, 0, 1).float() / 255 for r in renders])
+    acts = Sampler(scenes).noised_activations(images, [r.prompt for r in renders], list(range(8)),
+                                              GenerationSettings(steps=len(bank.steps)), layers=best.layer, steps=[last])
+    maps = bank.apply({best.layer: acts[best.layer][:, 0]}, last, properties="foreground", layers=best.layer,
+                      size=(128, 128))
+    masks = torch.stack([torch.from_numpy(r.mask).float() for r in renders])
+    scores = dice(maps["foreground", best.layer], masks, 0.5)
+    assert float(scores.mean()) >= 0.8, scores
