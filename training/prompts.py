@@ -78,7 +78,7 @@ def load_prompts(path: str | Path, base_seed: int = 0, limit: int | None = None,
                     items.append(_item(path, line_no, str(n), line, str(base_seed + n)))
                     n += 1
     except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{path}: not {encoding} text ({exc.reason})") from None
+        raise PromptFileError(f"{path}: not {encoding.upper()} text ({exc.reason})") from None
     except LookupError:
         raise PromptFileError(f"{path}: unknown text encoding {encoding!r}") from None
     if not items:
