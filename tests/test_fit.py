@@ -288,3 +288,20 @@ def test_capstone_shading_recipe_and_the_report_names_it(tmp_path, tiny):
     assert report["recipe"] == "capstone-shading" and "lr 1e-2" in report["recipe_description"]
     title = heatmap_figure(load_run(out), "shading").axes[0].get_title()
     assert "recipe: capstone-shading" in title
+
+
+def test_rmse_is_also_reported_in_the_studys_normalised_units():
+    """Item 8: beside raw RMSE, RMSE after the study's fixed depth normalisation
+    (x − 15.740597) / 9.281932, per image (computed here in float64 with numpy)."""
+    from training.fit import per_image_metrics
+
+    rng = np.random.default_rng(3)
+    target = rng.uniform(2, 40, (3, 8, 8))
+    pred = target + rng.normal(0, 4, (3, 8, 8))
+    got = per_image_metrics(torch.tensor(pred, dtype=torch.float32), torch.tensor(target, dtype=torch.float32),
+                            "continuous")
+    norm = lambda x: (x - 15.740597) / 9.281932  # noqa: E731
+    want_study = np.sqrt(((norm(pred) - norm(target)) ** 2).mean(axis=(1, 2)))
+    want_raw = np.sqrt(((pred - target) ** 2).mean(axis=(1, 2)))
+    np.testing.assert_allclose(got["rmse_study"].numpy(), want_study, rtol=1e-5)
+    np.testing.assert_allclose(got["rmse"].numpy(), want_raw, rtol=1e-5)
