@@ -680,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
                    "layer": s["final"]["layer"],
                    **({"curve_model_emergence_step": s["curve_model"]["emergence_step"]} if "curve_model" in s else {})}
                for p, s in report["properties"].items()}
-    print(json.dumps(_json_ready({"report": str((args.out or args.run / "report") / "report.json"), **summary})))
+    print(json.dumps(_json_ready({"report": str((args.out or args.run / "report") / "report.json"),
+                                  "recipe": report["recipe"], "protocol": report["protocol"], **summary})))
     return 0
 
 
