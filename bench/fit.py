@@ -6,8 +6,9 @@ reference path keeps them) with exact labels, written once to one file per image
 - ridge: training.fit's path: Accumulator.add_batch streaming over shards of images (every
   `--val-every`-th image held out), then Accumulator.label_norm + solve_ridge (λ chosen on validation,
   refit on train + validation) per (layer, step);
-- reference: training.fit.fit_reference (bias-free linear, Adam lr 1e-3, 30 epochs, 4 images per
-  batch, BCE on logits for the mask, Huber on z-scored continuous targets) on all training images.
+- reference: training.reference.fit_reference (bias-free linear, Adam lr 1e-3, 30 epochs, 4 images
+  per batch, BCE on logits for the mask, Huber on z-scored continuous targets, losses on the
+  nearest-upsampled output at image resolution as the study) on all training images.
 Each method runs in its own fresh process (one torch thread), reading its inputs image by image;
 fit times exclude the file reads (reported apart) and are medians over `--repeats`. Peak memory:
 the process's resident-set high-water mark (VmHWM, reset after a warm-up run through
@@ -39,9 +40,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.fit import TEST_SEED_OFFSET, Accumulator, fit_reference, solve_ridge  # noqa: E402
+from training.fit import TEST_SEED_OFFSET, Accumulator, solve_ridge  # noqa: E402
 from training.labels import PROPERTIES  # noqa: E402
-from training.ridge import DEFAULT_GRID, area_average, to_tokens  # noqa: E402
+from training.reference import fit_reference  # noqa: E402
+from training.ridge import DEFAULT_GRID  # noqa: E402
 
 PROPS = list(PROPERTIES)  # foreground, depth, shading: fitted together (K = 3) by both methods
 KINDS = [PROPERTIES[p] for p in PROPS]
@@ -151,35 +153,38 @@ def fit_ridge(meta: dict, files: list[Path]) -> tuple[dict, dict, int]:
 
 
 def fit_ref(meta: dict, files: list[Path], epochs: int) -> tuple[dict, dict, int]:
-    """The study's recipe on all training images: every activation is held for all epochs.
-    Returns the probes, times {fit, read} and the bytes kept across images (the training set)."""
+    """The study's recipe on all training images: every activation and every full-size label is
+    held for all epochs (its Huber loss is taken at image resolution). Returns the probes, times
+    {fit, read} and the bytes kept across images (the training set)."""
     layers, S = meta["layers"], len(meta["fit_steps"])
     acts: dict[str, list[torch.Tensor]] = {la: [] for la in layers}
-    ys: dict[str, list[torch.Tensor]] = {la: [] for la in layers}
+    labels: list[torch.Tensor] = []
     moments = Accumulator(meta["channels"], S, PROPS)  # the job's label z-score (image-size pixels)
     io = fit = 0.0
-    for f in files:  # labels area-averaged image by image: full-size labels are never all held
+    for f in files:
         t0 = time.perf_counter()
         img = read_image(f)
         t1 = time.perf_counter()
         moments.add_moments(img["labels"][None])
+        labels.append(img["labels"])
         for la in layers:
             acts[la].append(img[la])
-            ys[la].append(to_tokens(area_average(img["labels"][None], tuple(meta["shapes"][la]))))
         io, fit = io + t1 - t0, fit + time.perf_counter() - t1
         del img
-    held = sum(t.nbytes for v in (*acts.values(), *ys.values()) for t in v)
+    held = sum(t.nbytes for v in (*acts.values(), labels) for t in v)
     t0 = time.perf_counter()
     mean, std = (torch.tensor(v) for v in moments.label_norm())
     mask = torch.tensor([k == "mask" for k in KINDS])
     shift, scale = torch.where(mask, 0.0, mean), torch.where(mask, 1.0, std)
     out = {"shift": shift, "scale": scale}
+    Y = (torch.stack(labels) - shift[:, None, None]) / scale[:, None, None]  # [N, K, H, W]
     for la in layers:
-        X, Y = torch.stack(acts.pop(la)), torch.stack(ys.pop(la))  # [N, S, P, C] fp16, [N, P, K]
+        X = torch.stack(acts.pop(la))  # [N, S, P, C] fp16
         for s in range(S):
-            w = fit_reference(X[:, s], (Y - shift) / scale, KINDS, epochs=epochs, batch_images=meta["batch_images"])
+            w = fit_reference(X[:, s], Y, tuple(meta["shapes"][la]), KINDS, epochs=epochs,
+                              batch_images=meta["batch_images"])
             out[f"{la}/{s}/weight"] = w
-        del X, Y
+        del X
     fit += time.perf_counter() - t0
     return out, {"fit": fit, "read": io}, held
 

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="pixels (model default: 512 for SD v1.4, 128 for tiny)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--scheduler", default="lms")
+    g.add_argument("--protocol", default="ldmprobe", choices=["ldmprobe", "study"],
+                   help="recorded in the outputs; sets the defaults of the two options below (README: Study protocol)")
+    g.add_argument("--timestep-spacing", default=None, choices=["study", "config", "linspace", "leading", "trailing"],
+                   help="study (default): LMS on the study's linspace timesteps whatever the model folder's scheduler "
+                        "config says; config: the folder's own; or force one")
+    g.add_argument("--latent-dtype", default=None, choices=["float32", "model"],
+                   help="dtype of the latents through the scheduler (default float32, the study's; model: the U-Net's)")
     g.add_argument("--layers", default="all", help="all, none, or comma-separated names / groups (e.g. dec4,mid.0)")
     g.add_argument("--half", default="cond", help="CFG half to store: cond (default) or both")
     g.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -127,8 +134,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out: {out} exists and is not an empty folder (nothing was overwritten)")
 
+    from .protocol import get_protocol
+
+    protocol = get_protocol(args.protocol)
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
-    sampler = Sampler(model, compile=args.compile, cache_dir=args.cache_dir)
+    sampler = Sampler(model, compile=args.compile, cache_dir=args.cache_dir,
+                      timestep_spacing=args.timestep_spacing or protocol.timestep_spacing,
+                      latent_dtype=args.latent_dtype or protocol.latent_dtype)
     names = sampler.select_layers(req.layers)
     settings = req.model_dump(include={"steps", "guidance", "height", "width", "scheduler"})
     from .schemas import GenerationSettings
@@ -147,11 +159,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     result = sampler.generate([req.prompt], [req.seed], gs, layers=names, half=req.half, callback=on_step,
                               keep_steps=False, progress=not args.no_progress)
-    meta = result.metadata
+    meta = result.metadata | {"protocol": protocol.name}
     if writer is not None:
-        writer.metadata = {k: meta[k] for k in ("model", "model_identity", "prompts", "seeds", "scheduler", "steps",
-                                                "guidance", "height", "width", "half", "timesteps", "compiled",
-                                                "attention", "device")} | {"model_dtype": meta["dtype"]}
+        writer.metadata = {k: meta[k] for k in ("model", "model_identity", "protocol", "prompts", "seeds", "scheduler",
+                                                "steps", "guidance", "height", "width", "half", "timestep_spacing",
+                                                "init_noise_sigma", "latent_dtype", "compiled", "attention",
+                                                "device")} | {"model_dtype": meta["dtype"]}
         writer.close()
     save_image(to_pil(result.images)[0], out / "image.png")
     if args.previews:

@@ -32,13 +32,30 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(model: SDModel, name: str):
-    """A fresh diffusers scheduler of kind `name`, configured from the model's scheduler config."""
+TIMESTEP_SPACINGS = ("study", "config", "linspace", "leading", "trailing")
+LATENT_DTYPES = ("float32", "model")
+
+
+def make_scheduler(model: SDModel, name: str, spacing: str = "study"):
+    """A fresh diffusers scheduler of kind `name`, configured from the model's scheduler config.
+
+    `spacing` decides the timesteps. "study" (default) pins LMS to linspace spacing, what the
+    study's diffusers did: 999, 927.6, … 0 and an initial sigma of 14.61 for SD's schedule at 15
+    steps, whatever the folder says (SD v1.4 re-saved by current diffusers says "leading": 925,
+    859, … and 9.60); other schedulers keep the folder's spacing. "config" takes the folder's
+    as is; "linspace", "leading" and "trailing" force that spacing."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(model.scheduler_config)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(TIMESTEP_SPACINGS)}")
+    config = dict(model.scheduler_config)
+    if spacing == "study" and name == "lms":
+        config["timestep_spacing"] = "linspace"
+    elif spacing not in ("study", "config"):
+        config["timestep_spacing"] = spacing
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
 def study_noise(seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -102,12 +119,15 @@ class Denoising:
         height = settings.height or model.default_size
         width = settings.width or model.default_size
         self.height, self.width = height, width
-        self.scheduler = make_scheduler(model, settings.scheduler)
+        self.scheduler = make_scheduler(model, settings.scheduler, sampler.timestep_spacing)
         self.scheduler.set_timesteps(settings.steps, device=model.device)
         self.timesteps = self.scheduler.timesteps
+        # The study kept its latents float32 under autocast (the U-Net in fp16): the scheduler's
+        # arithmetic then runs in float32 and only the U-Net's input is cast.
+        self.latent_dtype = torch.float32 if sampler.latent_dtype == "float32" else model.dtype
         shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
         noise = torch.cat([study_noise(s, shape) for s in self.seeds])
-        self.latents = (noise.to(model.device) * self.scheduler.init_noise_sigma).to(model.dtype)
+        self.latents = (noise.to(model.device) * self.scheduler.init_noise_sigma).to(self.latent_dtype)
         cond = model.encode_prompts(self.prompts)
         self.text = torch.cat([model.encode_prompts([""] * len(self.prompts)), cond]) if settings.cfg else cond
         self.index = 0
@@ -127,7 +147,7 @@ class Denoising:
         t = self.timestep
         cfg = self.settings.cfg
         latent_in = torch.cat([self.latents] * 2) if cfg else self.latents
-        latent_in = self.scheduler.scale_model_input(latent_in, t)
+        latent_in = self.scheduler.scale_model_input(latent_in, t).to(self.sampler.model.dtype)
         noise, acts = self.sampler.unet_fn(latent_in, t, self.text, capture=self.capture, half=self.half,
                                            cfg=cfg, patches=patches)
         if cfg:
@@ -145,7 +165,7 @@ class Denoising:
         x0 = getattr(out, "pred_original_sample", None)
         if x0 is None:
             x0 = _x0_from_eps(self.scheduler, sample, noise, t)
-        self.latents = out.prev_sample.to(self.sampler.model.dtype)
+        self.latents = out.prev_sample.to(self.latent_dtype)
         step = StepOutput(self.index, float(t), self.latents, x0.to(self.latents.dtype), activations)
         self.index += 1
         return step
@@ -154,8 +174,14 @@ class Denoising:
 class Sampler:
     """Runs the model's (optionally compiled) capturing U-Net through the denoising loop."""
 
-    def __init__(self, model: SDModel, compile: bool = False, cache_dir: str | Path | None = None):
+    def __init__(self, model: SDModel, compile: bool = False, cache_dir: str | Path | None = None,
+                 timestep_spacing: str = "study", latent_dtype: str = "float32"):
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; use one of {', '.join(TIMESTEP_SPACINGS)}")
+        if latent_dtype not in LATENT_DTYPES:
+            raise ValueError(f"unknown latent dtype {latent_dtype!r}; use one of {', '.join(LATENT_DTYPES)}")
         self.model = model
+        self.timestep_spacing, self.latent_dtype = timestep_spacing, latent_dtype
         self.capturing = CapturingUNet(model.unet)
         self.compiled = bool(compile)
         if compile:
@@ -222,7 +248,7 @@ class Sampler:
         not depend on the unconditional ones). Returns {layer: [N, S, H·W, C]}."""
         settings = settings or GenerationSettings()
         names = self.select_layers(layers)
-        scheduler = make_scheduler(self.model, settings.scheduler)
+        scheduler = make_scheduler(self.model, settings.scheduler, self.timestep_spacing)
         scheduler.set_timesteps(settings.steps, device=self.model.device)
         indices = list(range(len(scheduler.timesteps))) if steps is None else list(steps)
         x0 = self.encode(images)
@@ -251,7 +277,11 @@ class Sampler:
             meta |= {"prompts": run.prompts, "seeds": run.seeds, "scheduler": run.settings.scheduler,
                      "steps": run.settings.steps, "guidance": run.settings.guidance, "height": run.height,
                      "width": run.width, "layers": list(run.capture), "half": run.half,
-                     "timesteps": [float(t) for t in run.timesteps]}
+                     "timesteps": [float(t) for t in run.timesteps],
+                     "timestep_spacing": run.scheduler.config.get("timestep_spacing"),
+                     "timestep_spacing_option": self.timestep_spacing,
+                     "init_noise_sigma": float(run.scheduler.init_noise_sigma),
+                     "latent_dtype": str(run.latent_dtype).removeprefix("torch.")}
         return meta
 
 

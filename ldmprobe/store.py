@@ -70,8 +70,12 @@ class ActivationWriter:
         return target
 
     def close(self) -> Path:
+        """Write the manifest. Its `timesteps` are those of the shards written, in step order,
+        exactly as the scheduler gave them: a bank or job can compare schedules, not just names."""
+        timesteps = [self.shards[k]["timestep"] for k in sorted(self.shards, key=int)]
         manifest = {
-            "format": FORMAT, "version": VERSION, **self.metadata, "dtype": self.dtype, "rows": self.rows,
+            "format": FORMAT, "version": VERSION, **self.metadata, "timesteps": timesteps, "dtype": self.dtype,
+            "rows": self.rows,
             "layers": {s.name: {"module": s.module, "height": s.height, "width": s.width, "channels": s.channels}
                        for s in self.layers},
             "shards": self.shards,
@@ -99,6 +103,11 @@ class ActivationStore:
     @property
     def layers(self) -> list[str]:
         return list(self.manifest["layers"])
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The scheduler timestep of each stored step, in step order."""
+        return [float(self.manifest["shards"][str(s)]["timestep"]) for s in self.steps]
 
     @property
     def steps(self) -> list[int]:

@@ -81,3 +81,19 @@ def scene_bank(tmp_path_factory):
     assert main(["--scenes", "12", "--test-scenes", "4", "--properties", "foreground,depth",
                  "--steps", str(SCENE_BANK_STEPS), "--out", str(out), "--no-progress"]) == 0
     return out / "bank.safetensors"
+
+
+@pytest.fixture(scope="session")
+def leading_folder(tiny, tmp_path_factory):
+    """The tiny model saved as a diffusers folder whose scheduler config says
+    `timestep_spacing: "leading"`, as SD v1.4 re-saved by current diffusers does."""
+    import json
+
+    from ldmprobe.models import save_model
+
+    path = save_model(tiny, tmp_path_factory.mktemp("leading") / "model")
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"timestep_spacing": "leading", "_diffusers_version": "0.30.0"})
+    config_file.write_text(json.dumps(config, indent=2))
+    return path

@@ -89,3 +89,27 @@ def test_generate_with_compile(tmp_path):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["compiled"] is True
     assert ActivationStore(out / "activations").manifest["compiled"] is True
+
+
+def test_generate_uses_the_studys_timesteps_on_a_leading_folder(tmp_path, leading_folder):
+    """Acceptance (issue 13, item 2): a model folder whose scheduler config says "leading";
+    `ldmprobe generate` with default settings (15 LMS steps) runs 999 … 0 and says so in
+    metadata.json and the activation manifest; `--timestep-spacing config` follows the folder."""
+    import numpy as np
+
+    out = tmp_path / "run"
+    assert main(["generate", "--model", str(leading_folder), "--prompt", "a red apple", "--layers", "mid.0",
+                 "--out", str(out), "--no-progress"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["steps"] == 15 and meta["timesteps"][0] == 999.0 and meta["timesteps"][-1] == 0.0
+    np.testing.assert_allclose(meta["timesteps"], np.linspace(0, 999, 15)[::-1], rtol=1e-6)
+    assert meta["timestep_spacing"] == "linspace" and meta["protocol"] == "ldmprobe"
+    assert abs(meta["init_noise_sigma"] - 14.6146) < 1e-3
+    manifest = ActivationStore(out / "activations").manifest
+    assert manifest["timesteps"] == meta["timesteps"] and manifest["protocol"] == "ldmprobe"
+    folder = tmp_path / "folder"
+    assert main(["generate", "--model", str(leading_folder), "--prompt", "a red apple", "--layers", "none",
+                 "--timestep-spacing", "config", "--protocol", "study", "--out", str(folder), "--no-progress"]) == 0
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["timesteps"] == [float(t) for t in (np.arange(15) * 66 + 1)[::-1]]
+    assert meta["timestep_spacing"] == "leading" and meta["protocol"] == "study"

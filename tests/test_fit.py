@@ -83,6 +83,8 @@ def test_small_run_outputs(tmp_path, tiny):
     assert depth.std[0] > 0 and depth.mean[0] > 0  # the fixed global z-score is stored
     job = json.loads((out / "job.json").read_text())
     assert job["model_identity"] == tiny.identity and job["method"] == "ridge"
+    assert (job["protocol"], job["recipe"]) == ("ldmprobe", "ridge") and bank.extra["protocol"] == "ldmprobe"
+    assert job["timesteps"] == bank.extra["timesteps"] == list(np.linspace(0, 999, 4)[::-1])
     assert not list(out.rglob("*.tmp"))
     # Running again resumes every shard from its checkpoint and reproduces the bank exactly.
     first = _bank_tensors(out / "bank.safetensors")
@@ -179,6 +181,9 @@ def test_generated_mode_with_label_files_and_a_depth_model(tmp_path, tiny, dpt_d
      "'magic:x' is not dpt:PATH_OR_ID or files:DIR"),
     (["--scenes", "1"], "--scenes must be"),
     (["--steps", "0"], "--steps: Input should be greater than or equal to 1"),
+    (["--method", "ridge", "--recipe", "capstone-shading"], "--method ridge contradicts --recipe capstone-shading"),
+    (["--lr", "0.1"], "--lr / --epochs: only for the reference method"),
+    (["--method", "reference", "--lr", "-1"], "--lr must be > 0"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     prompts = tmp_path / "p.txt"
@@ -196,3 +201,107 @@ def test_out_folder_of_another_job_is_refused(tmp_path, capsys):
     assert main(["--scenes", "6", "--out", str(out), *SMALL[:2], "--layers", "mid.0", *SMALL[4:]]) == 2
     assert "holds another job (layers" in capsys.readouterr().err
     assert (out / "bank.safetensors").read_bytes() == before
+
+
+def test_study_protocol_job_records_and_applies_the_studys_choices(tmp_path, tiny):
+    """--protocol study: the study's probe recipe (two-class mask head, nn.Linear init, fixed
+    depth units), its mask rule and prompt encoding, LMS on its timesteps; all recorded in
+    job.json and the bank; RMSE also in the study's normalised units (item 8)."""
+    from PIL import Image
+
+    from ldmprobe.protocol import STUDY_DEPTH_STD
+
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompts,seeds,prompt_inds\na red apple,1,11\na blue car,2,12\na dog,3,13\n"
+                       "a green cup,4,14\n", encoding="utf-8")
+    labels = tmp_path / "labels"
+    (labels / "foreground").mkdir(parents=True)
+    (labels / "depth").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(11, 15):
+        Image.fromarray((rng.random((128, 128)) * 255 * (rng.random((128, 128)) > 0.5)).astype(np.uint8)).save(
+            labels / "foreground" / f"{i}.png")
+        np.save(labels / "depth" / f"{i}.npy", (10 + 20 * rng.random((128, 128))).astype(np.float32))
+    out = tmp_path / "study"
+    assert main(["--protocol", "study", "--mode", "generated", "--prompts", str(prompts), "--test-prompts",
+                 str(prompts), "--labels", f"files:{labels}", "--properties", "foreground,depth", "--epochs", "1",
+                 "--steps", "2", "--layers", "dec4.0", "--shard-size", "2", "--out", str(out), "--no-progress"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert (job["protocol"], job["recipe"], job["method"]) == ("study", "reference", "reference")
+    opts = job["options"]
+    assert (opts["mask_threshold"], opts["prompt_encoding"], opts["label_norm"]) == (0, "iso-8859-1", "study")
+    assert (opts["mask_head"], opts["probe_init"], opts["lr"], opts["epochs"]) == ("two-class", "linear-default",
+                                                                                   1e-3, 1)
+    assert job["timesteps"] == [999.0, 0.0] and job["timestep_spacing"] == "linspace"
+    bank = ProbeBank.load(out / "bank.safetensors", tiny)
+    assert bank.extra["protocol"] == "study" and bank.extra["timesteps"] == job["timesteps"]
+    assert bank.fit == {"method": "reference", "recipe": "reference", "protocol": "study"}
+    fg, depth = bank.probe("foreground", "dec4.0", 1), bank.probe("depth", "dec4.0", 1)
+    assert fg.sigmoid and fg.fit["mask_head"] == "two-class" and depth.fit["label_norm"] == "study"
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    rmse = {(r["layer"], r["step"]): r["value"] for r in rows if r["property"] == "depth" and r["metric"] == "rmse"}
+    study = {(r["layer"], r["step"]): r["value"] for r in rows
+             if r["property"] == "depth" and r["metric"] == "rmse_study"}
+    assert rmse.keys() == study.keys() and len(rmse) == 3  # dec4.0 × 2 steps + the baseline
+    for key, value in rmse.items():
+        assert study[key] == pytest.approx(value / STUDY_DEPTH_STD, rel=1e-4)
+
+
+def test_job_on_a_leading_folder_fits_at_the_studys_timesteps(tmp_path, leading_folder):
+    """Item 2 for the jobs: a folder saying "leading" still gets the study's LMS timesteps,
+    recorded exactly in job.json and the bank; --timestep-spacing config follows the folder."""
+    base = ["--model", str(leading_folder), "--scenes", "4", "--test-scenes", "1", "--steps", "3", "--layers", "mid.0",
+            "--properties", "depth", "--val-every", "2", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "pinned")]) == 0
+    assert main([*base, "--timestep-spacing", "config", "--out", str(tmp_path / "folder")]) == 0
+    pinned, folder = (ProbeBank.load(tmp_path / name / "bank.safetensors").extra for name in ("pinned", "folder"))
+    assert pinned["timesteps"] == [999.0, 499.5, 0.0] and pinned["timestep_spacing"] == "linspace"
+    assert folder["timesteps"] == [667.0, 334.0, 1.0] and folder["timestep_spacing"] == "leading"
+
+
+def test_capstone_shading_recipe_and_the_report_names_it(tmp_path, tiny):
+    """Item 5: --recipe capstone-shading fits shading on dec4.0 only with Adam lr 1e-2 on the
+    capstone's 500/117 split; the report says which recipe produced its figures."""
+    from PIL import Image
+
+    from training.prompts import named_split
+    from training.report import heatmap_figure, load_run
+    from training.report import main as report_main
+
+    train, test = named_split("capstone-shading", "train")[:2], named_split("capstone-shading", "test")[:2]
+    labels = tmp_path / "labels"
+    (labels / "shading").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for item in (*train, *test):
+        Image.fromarray((rng.random((128, 128)) * 255).astype(np.uint8)).save(labels / "shading" / f"{item.id}.png")
+    out = tmp_path / "capstone"
+    assert main(["--recipe", "capstone-shading", "--mode", "generated", "--limit", "2", "--labels", f"files:{labels}",
+                 "--epochs", "1", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert (job["recipe"], job["layers"], job["properties"]) == ("capstone-shading", ["dec4.0"], ["shading"])
+    assert job["options"]["lr"] == 1e-2 and job["options"]["split"] == "capstone-shading"
+    bank = ProbeBank.load(out / "bank.safetensors", tiny)
+    assert bank.layers == ["dec4.0"] and bank.properties == ["shading"]
+    assert bank.probe("shading", "dec4.0", 1).fit["lr"] == 1e-2 and bank.split["train"] == 2
+    assert report_main(["--run", str(out), "--no-figure4"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["recipe"] == "capstone-shading" and "lr 1e-2" in report["recipe_description"]
+    title = heatmap_figure(load_run(out), "shading").axes[0].get_title()
+    assert "recipe: capstone-shading" in title
+
+
+def test_rmse_is_also_reported_in_the_studys_normalised_units():
+    """Item 8: beside raw RMSE, RMSE after the study's fixed depth normalisation
+    (x − 15.740597) / 9.281932, per image (computed here in float64 with numpy)."""
+    from training.fit import per_image_metrics
+
+    rng = np.random.default_rng(3)
+    target = rng.uniform(2, 40, (3, 8, 8))
+    pred = target + rng.normal(0, 4, (3, 8, 8))
+    got = per_image_metrics(torch.tensor(pred, dtype=torch.float32), torch.tensor(target, dtype=torch.float32),
+                            "continuous")
+    norm = lambda x: (x - 15.740597) / 9.281932  # noqa: E731
+    want_study = np.sqrt(((norm(pred) - norm(target)) ** 2).mean(axis=(1, 2)))
+    want_raw = np.sqrt(((pred - target) ** 2).mean(axis=(1, 2)))
+    np.testing.assert_allclose(got["rmse_study"].numpy(), want_study, rtol=1e-5)
+    np.testing.assert_allclose(got["rmse"].numpy(), want_raw, rtol=1e-5)

@@ -101,3 +101,71 @@ def test_bad_arguments(sampler):
                                                                       scheduler="lms"))
     with pytest.raises(ValueError, match="unknown CFG half"):
         sampler.start(["a"], [1], FAST, half="uncond")
+
+
+def _leading(tiny):
+    """The tiny model with the scheduler config of a folder re-saved by current diffusers."""
+    import dataclasses
+
+    return dataclasses.replace(tiny, scheduler_config=tiny.scheduler_config | {"timestep_spacing": "leading"})
+
+
+def test_lms_is_pinned_to_the_studys_timesteps_whatever_the_config_says(tiny):
+    """Item 2: SD's schedule at 15 steps, linspace spacing (the study's diffusers): timesteps
+    linspace(0, 999, 15) reversed and sigma_max from the betas; "config" keeps the folder's
+    "leading" spacing (arange(15) · (1000 // 15) + steps_offset, reversed), on request only."""
+    from ldmprobe.generate import Sampler, make_scheduler
+
+    model = _leading(tiny)
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    ab = np.cumprod(1.0 - betas)
+    sigma_max = float(np.sqrt((1 - ab[-1]) / ab[-1]))
+    pinned = make_scheduler(model, "lms")
+    pinned.set_timesteps(15)
+    np.testing.assert_allclose(pinned.timesteps.numpy(), np.linspace(0, 999, 15)[::-1], rtol=1e-6)
+    assert abs(float(pinned.init_noise_sigma) - sigma_max) < 1e-3
+    folder = make_scheduler(model, "lms", "config")
+    folder.set_timesteps(15)
+    np.testing.assert_array_equal(folder.timesteps.numpy(), (np.arange(15) * (1000 // 15) + 1)[::-1])
+    assert float(folder.init_noise_sigma) < sigma_max - 4  # 9.60 vs 14.61: a different start
+    # Other schedulers were not the study's: they keep the folder's spacing unless forced.
+    assert make_scheduler(model, "ddim").config.timestep_spacing == "leading"
+    assert make_scheduler(model, "ddim", "trailing").config.timestep_spacing == "trailing"
+    run = Sampler(model).start(["a"], [1], GenerationSettings())
+    assert float(run.timesteps[0]) == 999.0 and float(run.timesteps[-1]) == 0.0
+    meta = Sampler(model).metadata(run)
+    assert meta["timestep_spacing"] == "linspace" and abs(meta["init_noise_sigma"] - sigma_max) < 1e-3
+    with pytest.raises(ValueError, match="unknown timestep spacing 'sideways'"):
+        Sampler(model, timestep_spacing="sideways")
+
+
+def test_latents_stay_float32_through_the_scheduler_under_a_half_precision_unet(tiny):
+    """Item 9: with the U-Net in bfloat16 (CPU's half type here; fp16 on CUDA) the latents, the
+    scheduler's arithmetic and x0 stay float32, only the U-Net's input is cast — as the study's
+    fp32 latents under autocast. Measured against the float32 model, the float32 latents end
+    closer than latents kept in the U-Net's dtype (the old behaviour, still on request)."""
+    from ldmprobe.generate import Sampler
+    from ldmprobe.models import load_model
+
+    half = load_model("tiny", dtype="bfloat16")
+    prompts, seeds, settings = ["a red apple", "a blue car"], [3, 4], GenerationSettings(steps=15)
+    sampler = Sampler(half)
+    seen = []
+    inner = sampler.unet_fn
+
+    def spy(sample, *args, **kwargs):
+        seen.append(sample.dtype)
+        return inner(sample, *args, **kwargs)
+
+    sampler.unet_fn = spy
+    run = sampler.start(prompts, seeds, settings)
+    assert run.latents.dtype == torch.float32
+    step = run.advance(*run.predict())
+    assert seen == [torch.bfloat16] and step.latents.dtype == step.x0.dtype == torch.float32
+    reference = Sampler(tiny).generate(prompts, seeds, settings).latents
+    errors = {}
+    for latent_dtype in ("float32", "model"):
+        result = Sampler(half, latent_dtype=latent_dtype).generate(prompts, seeds, settings)
+        assert result.metadata["latent_dtype"] == ("float32" if latent_dtype == "float32" else "bfloat16")
+        errors[latent_dtype] = float((result.latents.float() - reference).norm() / reference.norm())
+    assert errors["float32"] < 0.9 * errors["model"], errors

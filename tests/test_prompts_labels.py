@@ -102,3 +102,80 @@ def test_scene_labels_conventions():
     assert torch.equal(labels["shading"][0], torch.from_numpy(scene.shading))
     with pytest.raises(LabelError, match="comes from two label sources"):
         merge_labels({"depth": labels["depth"]}, {"depth": labels["depth"]})
+
+
+def _soft_disk(size=64, radius=15.0, softness=1.5):
+    """A TRACER-like soft saliency map: 255 · sigmoid((radius - r) / softness), as uint8."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2 + 0.5, xx - size / 2 + 0.5)
+    return (255 / (1 + np.exp(-(radius - r) / softness))).astype(np.uint8)
+
+
+def test_mask_threshold_of_label_files(tmp_path):
+    """Item 1: PNG masks are foreground at ≥ 128 by default; the study's rule (> 0, on TRACER's
+    soft maps) is the option mask_threshold=0 and counts every faintly salient pixel."""
+    (tmp_path / "foreground").mkdir()
+    soft = _soft_disk()
+    Image.fromarray(soft).save(tmp_path / "foreground" / "a.png")
+    images = torch.zeros(1, 3, 64, 64)
+    ours = LabelFiles(tmp_path)(images, ["a"])["foreground"][0]
+    study = LabelFiles(tmp_path, mask_threshold=0)(images, ["a"])["foreground"][0]
+    assert torch.equal(ours.bool(), torch.from_numpy(soft >= 128))
+    assert torch.equal(study.bool(), torch.from_numpy(soft > 0))
+    assert bool((study >= ours).all())  # the study's mask contains ours
+    fractions = float(study.mean()), float(ours.mean())
+    assert 0.38 < fractions[0] < 0.46 and 0.15 < fractions[1] < 0.19, fractions  # ~0.42 vs ~0.17
+    with pytest.raises(LabelError, match="mask threshold must be 0…254"):
+        LabelFiles(tmp_path, mask_threshold=255)
+
+
+def test_study_csvs_read_as_iso_8859_1():
+    """Item 10: the study read its UTF-8 CSVs as ISO-8859-1: 39 of the 617 prompts change, ids
+    and seeds do not."""
+    changed = 0
+    for split in ("train", "test"):
+        utf8 = load_prompts(study_split(split))
+        latin = load_prompts(study_split(split), encoding="iso-8859-1")
+        assert [(i.id, i.seed) for i in utf8] == [(i.id, i.seed) for i in latin]
+        changed += sum(a.prompt != b.prompt for a, b in zip(utf8, latin, strict=True))
+        for a, b in zip(utf8, latin, strict=True):
+            assert b.prompt == a.prompt.encode("utf-8").decode("iso-8859-1")
+    assert changed == 39
+    choice = next(i for i in load_prompts(study_split("train"), encoding="iso-8859-1") if "TC3300" in i.prompt)
+    assert "ChoiceÂ®" in choice.prompt
+
+
+def test_the_study_protocol_wires_its_label_rule_and_encoding_into_the_job(tmp_path):
+    """The job's label sources and prompt reading follow --protocol (explicit flags win)."""
+    from training.fit import _sources, build_parser
+    from training.recipes import resolve
+
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompts,seeds,prompt_inds\nTraveler's Choice® TC3300,1,7\n", encoding="utf-8")
+    (tmp_path / "labels" / "foreground").mkdir(parents=True)
+    base = ["--mode", "generated", "--prompts", str(prompts), "--test-prompts", str(prompts),
+            "--labels", f"files:{tmp_path / 'labels'}", "--out", str(tmp_path / "o")]
+    seen = {}
+    for protocol, extra in (("ldmprobe", []), ("study", []), ("study", ["--mask-threshold", "50",
+                                                                        "--prompt-encoding", "utf-8"])):
+        args = build_parser().parse_args([*base, "--protocol", protocol, *extra])
+        train, _ = _sources(args, resolve(args), None, None, ("mid.0",))
+        seen[(protocol, bool(extra))] = (train.items["7"].prompt, train.sources[0].mask_threshold)
+    assert seen[("ldmprobe", False)] == ("Traveler's Choice® TC3300", 127)
+    assert seen[("study", False)] == ("Traveler's ChoiceÂ® TC3300", 0)
+    assert seen[("study", True)] == ("Traveler's Choice® TC3300", 50)
+
+
+def test_capstone_shading_split_is_500_and_117_of_the_studys_617():
+    """Item 5's data: the capstone's split, mapped back to prompt ids, covers the study's 617
+    prompts exactly once (its 500 training images hold all 246 of the study's training split)."""
+    from training.prompts import named_split
+
+    train, test = named_split("capstone-shading", "train"), named_split("capstone-shading", "test")
+    assert (len(train), len(test)) == (500, 117)
+    study = {s: {i.id for i in load_prompts(study_split(s))} for s in ("train", "test")}
+    ids_train, ids_test = {i.id for i in train}, {i.id for i in test}
+    assert not ids_train & ids_test and ids_train | ids_test == study["train"] | study["test"]
+    assert study["train"] <= ids_train and ids_test <= study["test"]
+    with pytest.raises(PromptFileError, match="no split named 'nope'"):
+        named_split("nope", "train")

@@ -78,8 +78,8 @@ def test_tables_equal_metrics_json(run_dir, report):
     rows = json.loads((run_dir / "metrics.json").read_text())["rows"]
     value = {(r["property"], r["layer"], r["step"], r["metric"]): r["value"] for r in rows}
     nested = json.loads((out / "tables" / "tables.json").read_text())["properties"]
-    for prop, metrics in [("foreground", ["dice", "pearson"]), ("depth", ["spearman", "pearson", "rmse"]),
-                          ("shading", ["spearman", "pearson", "rmse"])]:
+    continuous = ["spearman", "pearson", "rmse", "rmse_study"]
+    for prop, metrics in [("foreground", ["dice", "pearson"]), ("depth", continuous), ("shading", continuous)]:
         assert list(nested[prop]) == metrics
         for metric in metrics:
             with open(out / "tables" / f"{prop}_{metric}.csv", newline="") as f:
@@ -109,7 +109,7 @@ def test_report_json_summaries(run_dir, report):
         assert s["metric"] in s["baseline"]
     curve = rep["properties"]["depth"]["curve_model"]
     assert curve["items"] == 1 and curve["metric"] == "spearman" and curve["steps"] == list(range(STEPS))
-    assert set(curve["values"]) == {"spearman", "pearson", "rmse"}
+    assert set(curve["values"]) == {"spearman", "pearson", "rmse", "rmse_study"}
     assert all(len(v) == STEPS for v in curve["values"].values())
     assert "curve_model" not in rep["properties"]["foreground"]  # a depth model says nothing about masks
 

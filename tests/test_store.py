@@ -85,3 +85,10 @@ def test_writes_leave_no_temp_files(store):
     names = {p.name for p in store.path.iterdir()}
     assert not [n for n in names if n.endswith(".tmp")]
     assert json.loads((store.path / "manifest.json").read_text())["format"] == "ldmprobe.activations"
+
+
+def test_manifest_records_the_exact_timesteps(store, generated):
+    """Item 2: the manifest lists every stored step's scheduler timestep, in step order, even when
+    the writer's metadata says nothing about the schedule."""
+    assert store.manifest["timesteps"] == [s.timestep for s in generated.steps] == store.timesteps
+    assert store.timesteps == [999 * (1 - i / 2) for i in range(3)]  # LMS, 3 steps, the study's linspace spacing

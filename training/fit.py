@@ -5,8 +5,11 @@ One pass over the training images accumulates, per (layer, step), the float64 st
 then gives every probe for every λ, λ chosen per property on held-out images. The job is
 resumable (statistics checkpointed per shard, atomically) and distributed (under torchrun each
 rank takes every world-th shard; the statistics are all-reduced). `--method reference` trains
-the study's recipe (Adam, no bias) instead, for comparison. The bank is scored on the test
-split with the same probe-head path the service uses, and written atomically.
+the study's recipe (Adam, no bias; training.reference) instead, for comparison; `--recipe`
+names a recipe (training.recipes: ridge, reference, capstone-shading) and `--protocol study`
+switches every audited difference to the study's behaviour (ldmprobe.protocol). The bank is
+scored on the test split with the same probe-head path the service uses, and written
+atomically; it records the protocol, the recipe and the exact timesteps it was fitted at.
 """
 
 from __future__ import annotations
@@ -23,18 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ldmprobe.atomic import atomic_path, write_json
 from ldmprobe.probes import ProbeBank
+from ldmprobe.protocol import STUDY_DEPTH_MEAN, STUDY_DEPTH_STD
 
 from .labels import PROPERTIES, LabelError
+from .recipes import RECIPES, JobOptions, RecipeError, resolve
+from .reference import fit_reference
 from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, fit_at, to_tokens
 
 EXIT_USAGE = 2
 TEST_SEED_OFFSET = 1_000_000  # test scenes never share a seed with training scenes
 PRIMARY = {"mask": "dice", "continuous": "spearman"}
-METRICS = {"mask": ("dice", "pearson"), "continuous": ("spearman", "pearson", "rmse")}
+# rmse_study: RMSE in the study's normalised units, (x - 15.740597) / 9.281932 (its fixed MiDaS
+# depth scaling, which the capstone also applied to shading), beside the raw units.
+METRICS = {"mask": ("dice", "pearson"), "continuous": ("spearman", "pearson", "rmse", "rmse_study")}
 
 
 class JobError(Exception):
@@ -183,33 +190,6 @@ def solve_ridge(acc: Accumulator, layer: str, step: int, grid) -> tuple[torch.Te
     return weight, bias, lams, info
 
 
-def fit_reference(X: torch.Tensor, Y: torch.Tensor, kinds: list[str], epochs: int = 30, lr: float = 1e-3,
-                  batch_images: int = 4, seed: int = 0) -> torch.Tensor:
-    """The study's recipe for one (layer, step): a bias-free linear layer trained with Adam,
-    cross-entropy (on logits) for masks and Huber for continuous targets. X [N, P, C], Y [N, P, K]
-    (targets already normalised). Returns the weight [C, K]."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.nn.Parameter(torch.zeros(X.shape[-1], Y.shape[-1]))
-    opt = torch.optim.Adam([w], lr=lr)
-    mask_cols = [k for k, kind in enumerate(kinds) if kind == "mask"]
-    cont_cols = [k for k, kind in enumerate(kinds) if kind != "mask"]
-    for _ in range(epochs):
-        order = torch.randperm(X.shape[0], generator=gen)
-        for start in range(0, X.shape[0], batch_images):
-            idx = order[start:start + batch_images]
-            pred = X[idx].float() @ w
-            y = Y[idx].float()
-            loss = 0.0
-            if mask_cols:
-                loss = loss + F.binary_cross_entropy_with_logits(pred[..., mask_cols], y[..., mask_cols])
-            if cont_cols:
-                loss = loss + F.huber_loss(pred[..., cont_cols], y[..., cont_cols])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach()
-
-
 # --- evaluation --------------------------------------------------------------------------------
 class MetricSums:
     """Per (property, layer, step, metric): sum of per-image values, images counted, undefined."""
@@ -252,7 +232,9 @@ def per_image_metrics(pred: torch.Tensor, target: torch.Tensor, kind: str) -> di
 
     if kind == "mask":
         return {"dice": M.dice(pred, target), "pearson": M.pearson(pred, target)}
-    return {"spearman": M.spearman(pred, target), "pearson": M.pearson(pred, target), "rmse": M.rmse(pred, target)}
+    study = M.rmse((pred - STUDY_DEPTH_MEAN) / STUDY_DEPTH_STD, (target - STUDY_DEPTH_MEAN) / STUDY_DEPTH_STD)
+    return {"spearman": M.spearman(pred, target), "pearson": M.pearson(pred, target), "rmse": M.rmse(pred, target),
+            "rmse_study": study}
 
 
 def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: list[str], steps: int,
@@ -308,27 +290,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
     p.add_argument("--labels", action="append", default=[], metavar="SPEC",
                    help="generated mode label source: dpt:PATH_OR_HUB_ID (depth) or files:DIR (repeatable)")
-    p.add_argument("--properties", default="foreground,depth,shading")
-    p.add_argument("--layers", default="all")
+    p.add_argument("--protocol", choices=["ldmprobe", "study"], default="ldmprobe",
+                   help="study: every audited difference the study's way (README: Study protocol)")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="ridge (default), reference (the study's Adam recipe; default under --protocol study) or "
+                        "capstone-shading (dec4.0 shading, Adam lr 1e-2, the capstone's 500/117 split)")
+    p.add_argument("--properties", default=None, help="default foreground,depth,shading (or the recipe's)")
+    p.add_argument("--layers", default=None, help="default all (or the recipe's)")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--scheduler", default="lms")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--method", choices=["ridge", "reference"], default="ridge")
+    p.add_argument("--method", choices=["ridge", "reference"], default=None,
+                   help="ridge or reference (the recipe of that name); default: the protocol's")
+    p.add_argument("--timestep-spacing", choices=["study", "config", "linspace", "leading", "trailing"], default=None,
+                   help="study (default): LMS on the study's linspace timesteps whatever the model folder says")
+    p.add_argument("--mask-threshold", type=int, default=None,
+                   help="files: PNG masks: foreground where value > N (default 127, i.e. ≥ 128; study protocol: 0)")
+    p.add_argument("--prompt-encoding", default=None,
+                   help="text encoding of prompt files (default utf-8; study protocol: iso-8859-1, as the study read them)")
     p.add_argument("--val-every", type=int, default=5, help="every Nth training image is held out to choose λ")
     p.add_argument("--shard-size", type=int, default=8, help="images per checkpointed shard")
-    p.add_argument("--epochs", type=int, default=30, help="reference method: epochs")
+    p.add_argument("--epochs", type=int, default=None, help="reference method: epochs (default: the recipe's, 30)")
+    p.add_argument("--lr", type=float, default=None, help="reference method: Adam learning rate (default: the recipe's)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def _sources(args, sampler, settings, layers):
+def _sources(args, opts: JobOptions, sampler, settings, layers):
     from .data import PromptSource, SceneSource
     from .labels import DepthModel, LabelFiles
-    from .prompts import load_prompts, study_split
+    from .prompts import load_prompts, named_split, study_split
 
     if args.mode == "noised":
         if args.scenes < 2 or args.test_scenes < 1:
@@ -337,8 +332,14 @@ def _sources(args, sampler, settings, layers):
         return (SceneSource(sampler, settings, layers, list(range(args.scenes)), world),
                 SceneSource(sampler, settings, layers, list(range(TEST_SEED_OFFSET, TEST_SEED_OFFSET + args.test_scenes)),
                             world))
-    train_items = load_prompts(args.prompts or study_split("train"), args.base_seed, args.limit)
-    test_items = load_prompts(args.test_prompts or study_split("test"), args.base_seed, args.limit)
+    enc = opts.prompt_encoding
+
+    def items(path, split):
+        if path is None and opts.split:
+            return named_split(opts.split, split, enc)[:args.limit]
+        return load_prompts(path or study_split(split), args.base_seed, args.limit, enc)
+
+    train_items, test_items = items(args.prompts, "train"), items(args.test_prompts, "test")
     if not args.labels:
         raise JobError("--labels: generated mode needs at least one label source (dpt:… or files:…)")
     sources, names = [], []
@@ -347,12 +348,32 @@ def _sources(args, sampler, settings, layers):
         if kind == "dpt" and target:
             sources.append(DepthModel(target, sampler.model.device))
         elif kind == "files" and target:
-            sources.append(LabelFiles(target))
+            sources.append(LabelFiles(target, mask_threshold=opts.mask_threshold))
         else:
             raise JobError(f"--labels: {spec!r} is not dpt:PATH_OR_ID or files:DIR")
         names.append(spec)
     return (PromptSource(sampler, settings, layers, train_items, sources, names),
             PromptSource(sampler, settings, layers, test_items, sources, names))
+
+
+def schedule_record(sampler, settings) -> dict[str, Any]:
+    """The exact timesteps (and what chose them) this job's activations are computed at."""
+    from ldmprobe.generate import make_scheduler
+
+    sched = make_scheduler(sampler.model, settings.scheduler, sampler.timestep_spacing)
+    sched.set_timesteps(settings.steps)
+    return {"timesteps": [float(t) for t in sched.timesteps], "timestep_spacing": sched.config.get("timestep_spacing"),
+            "timestep_spacing_option": sampler.timestep_spacing, "init_noise_sigma": float(sched.init_noise_sigma)}
+
+
+def reference_norm(opts: JobOptions, kinds: list[str], mean: list[float], std: list[float]):
+    """Shift and scale of each target for the reference recipe: masks as they are; continuous
+    targets by the training z-score ("fitted") or the study's fixed constants ("study")."""
+    if opts.label_norm == "study":
+        mean, std = [STUDY_DEPTH_MEAN] * len(kinds), [STUDY_DEPTH_STD] * len(kinds)
+    shift = torch.tensor([0.0 if k == "mask" else v for k, v in zip(kinds, mean, strict=True)])
+    scale = torch.tensor([1.0 if k == "mask" else v for k, v in zip(kinds, std, strict=True)])
+    return shift, scale
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -362,7 +383,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ldmprobe.models import load_model
     from ldmprobe.schemas import GenerationSettings
 
-    props = [p.strip() for p in args.properties.split(",") if p.strip()]
+    opts = resolve(args)
+    props = [p.strip() for p in opts.properties.split(",") if p.strip()]
     for p in props:
         if p not in PROPERTIES:
             raise JobError(f"--properties: unknown property {p!r}; use {', '.join(PROPERTIES)}")
@@ -372,17 +394,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   scheduler=args.scheduler)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     d = init_dist(model.device)
-    sampler = Sampler(model, compile=args.compile)
-    layers = list(sampler.select_layers(args.layers))
+    sampler = Sampler(model, compile=args.compile, timestep_spacing=opts.timestep_spacing,
+                      latent_dtype=opts.latent_dtype)
+    layers = list(sampler.select_layers(opts.layers))
     height, width = settings.height or model.default_size, settings.width or model.default_size
     registry = model.registry(height, width)
-    train_src, test_src = _sources(args, sampler, settings, layers)
+    train_src, test_src = _sources(args, opts, sampler, settings, layers)
+    schedule = schedule_record(sampler, settings)
     progress = d.main and not args.no_progress
     out: Path = args.out
     steps = settings.steps  # one output per U-Net evaluation (LMS: = steps)
 
     job = {"model_identity": model.identity, "mode": args.mode, "properties": props, "layers": layers,
-           "steps": steps, "scheduler": settings.scheduler, "size": [height, width], "method": args.method,
+           "steps": steps, "scheduler": settings.scheduler, "size": [height, width], "method": opts.method,
+           "protocol": opts.protocol, "recipe": opts.recipe, "options": opts.as_dict(), **schedule,
            "val_every": args.val_every, "shard_size": args.shard_size, "source": train_src.describe(),
            "train_ids_sha": hashlib.sha256(json.dumps(train_src.ids).encode()).hexdigest()[:16]}
     job_file = out / "job.json"
@@ -406,12 +431,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resumed = 0
     for index in tqdm(mine, desc="train", disable=not progress, unit="shard"):
         path = shard_path(out, index)
-        if args.method == "ridge" and path.exists():
+        if opts.method == "ridge" and path.exists():
             acc.load_state(load_shard(path))
             resumed += 1
             continue
         batch = train_src.batch(shards[index])
-        if args.method == "reference":
+        if opts.method == "reference":
             kept.setdefault("labels", []).append(torch.stack([batch.labels[p] for p in props], 1))
             for la in layers:
                 kept.setdefault(la, []).append(batch.activations[la].to(torch.float16))
@@ -430,32 +455,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bank = ProbeBank.for_model(model, height, width, scheduler=settings.scheduler, num_steps=steps,
                                label_sources={"mode": args.mode, **train_src.describe()},
                                split={"train": len(ids), "val_every": args.val_every, "test": len(test_src.ids)},
-                               fit={"method": args.method})
+                               fit={"method": opts.method, "recipe": opts.recipe, "protocol": opts.protocol},
+                               extra={"protocol": opts.protocol, "recipe": opts.recipe, "options": opts.as_dict(),
+                                      **schedule})
     fit_started = time.perf_counter()
-    if args.method == "reference":
+    if opts.method == "reference":
         acc.add_moments(torch.cat(kept["labels"]))
     mean, std = acc.label_norm()
     kinds = [PROPERTIES[p] for p in props]
     for la in layers:
         for s in range(steps):
-            if args.method == "ridge":
+            if opts.method == "ridge":
                 weight, bias, lams, info = solve_ridge(acc, la, s, DEFAULT_GRID)
             else:
-                X = torch.cat(kept[la])[:, s]
-                Y = area_average(torch.cat(kept["labels"]), shapes[la])
-                Y = Y.flatten(2).transpose(1, 2)  # [N, h·w, K]
-                scale = torch.tensor([1.0 if k == "mask" else v for k, v in zip(kinds, std, strict=True)])
-                shift = torch.tensor([0.0 if k == "mask" else v for k, v in zip(kinds, mean, strict=True)])
-                weight = fit_reference(X, (Y - shift) / scale, kinds, epochs=args.epochs).double() * scale
-                bias, lams, info = shift.double(), [math.nan] * len(props), {"epochs": args.epochs, "lr": 1e-3}
+                shift, scale = reference_norm(opts, kinds, mean, std)
+                Y = (torch.cat(kept["labels"]) - shift[:, None, None]) / scale[:, None, None]  # image size
+                weight = fit_reference(torch.cat(kept[la])[:, s], Y, shapes[la], kinds, epochs=opts.epochs,
+                                       lr=opts.lr, batch_images=opts.batch_images, init=opts.probe_init,
+                                       mask_head=opts.mask_head).double() * scale
+                bias, lams = shift.double(), [math.nan] * len(props)
+                info = {"recipe": opts.recipe, "lr": opts.lr, "epochs": opts.epochs, "batch_images": opts.batch_images,
+                        "init": opts.probe_init, "mask_head": opts.mask_head, "label_norm": opts.label_norm}
             for k, prop in enumerate(props):
                 mask = PROPERTIES[prop] == "mask"
                 m, sd = (0.0, 1.0) if mask else (mean[k], std[k])
-                sigmoid = mask and args.method == "reference"  # the reference trains logits
+                sigmoid = mask and opts.method == "reference"  # the reference trains logits
                 bank.add(prop, la, s, (weight[:, k] / sd).float(), ((bias[k] - m) / sd).float().reshape(1),
                          PROPERTIES[prop], sigmoid=sigmoid, mean=m, std=sd,
-                         fit={"method": args.method, "lambda": lams[k]} | {k2: v for k2, v in info.items()
-                                                                          if k2.startswith("n_")})
+                         fit={"method": opts.method, "lambda": lams[k]} | {k2: v for k2, v in info.items()
+                                                                          if k2 != "lambda" and k2 != "val_mse"})
     fit_s = time.perf_counter() - fit_started
     train_means = dict(zip(props, mean, strict=True))
 
@@ -515,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (JobError, PromptFileError, LabelError, ModelSourceError, BackendUnavailableError, UnknownLayerError) as exc:
+    except (JobError, RecipeError, PromptFileError, LabelError, ModelSourceError, BackendUnavailableError,
+            UnknownLayerError) as exc:
         print(f"training.fit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as exc:

@@ -4,8 +4,9 @@
   DPT_Large; Depth Anything V2 Small), from a local folder or a hub id. Its output is relative
   inverse depth (larger = nearer), the study's depth label.
 - `LabelFiles`: maps produced by any external tool (TRACER masks, Intrinsic shading, MiDaS depth)
-  in the layout `<root>/<property>/<id>.png|.npy|.safetensors` (PNG masks: value ≥ 128 is
-  foreground; PNG maps: value / 255; .npy / .safetensors (tensor "label"): float maps).
+  in the layout `<root>/<property>/<id>.png|.npy|.safetensors` (PNG masks: value >
+  `mask_threshold` is foreground, 127 by default (≥ 128), 0 under the study protocol; PNG maps:
+  value / 255; .npy / .safetensors (tensor "label"): float maps).
 - `scene_labels`: exact labels of procedurally rendered scenes (training.scenes): the mask,
   inverse z-depth (same convention as the depth models), and Lambertian shading.
 """
@@ -64,11 +65,19 @@ class DepthModel:
 
 
 class LabelFiles:
-    """Precomputed label maps from external tools, one file per (property, image id)."""
+    """Precomputed label maps from external tools, one file per (property, image id).
+
+    `mask_threshold`: a PNG mask pixel is foreground when its value exceeds it. 127 (≥ 128, the
+    midpoint) suits hard masks; the study thresholded TRACER's soft saliency maps (sigmoid ×
+    255) at > 0, which counts every faintly salient pixel (a soft disk: 0.41 of the image with
+    > 0, 0.17 with ≥ 128; README "Study protocol")."""
 
     SUFFIXES = (".png", ".npy", ".safetensors")
 
-    def __init__(self, root: str | Path, properties: tuple[str, ...] | None = None):
+    def __init__(self, root: str | Path, properties: tuple[str, ...] | None = None, mask_threshold: int = 127):
+        if not 0 <= int(mask_threshold) <= 254:
+            raise LabelError(f"mask threshold must be 0…254 (foreground: value > threshold), got {mask_threshold}")
+        self.mask_threshold = int(mask_threshold)
         self.root = Path(root)
         if not self.root.is_dir():
             raise LabelError(f"label folder {str(self.root)!r} does not exist")
@@ -87,7 +96,7 @@ class LabelFiles:
                 from PIL import Image
 
                 arr = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
-                arr = (arr >= 128).astype(np.float32) if PROPERTIES[prop] == "mask" else arr / 255.0
+                arr = (arr > self.mask_threshold).astype(np.float32) if PROPERTIES[prop] == "mask" else arr / 255.0
                 value = torch.from_numpy(arr)
             elif path.suffix == ".npy":
                 value = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))

@@ -38,7 +38,8 @@ from .labels import PROPERTIES
 
 EXIT_USAGE = 2
 EMERGENCE_FRACTION = 0.9
-METRIC_NAMES = {"dice": "Dice", "spearman": "Spearman ρ", "pearson": "Pearson r", "rmse": "RMSE"}
+METRIC_NAMES = {"dice": "Dice", "spearman": "Spearman ρ", "pearson": "Pearson r", "rmse": "RMSE",
+                "rmse_study": "RMSE (study units)"}
 CORRELATIONS = ("spearman", "pearson")
 CMAPS = {"foreground": "gray", "depth": "magma", "shading": "gray"}
 
@@ -86,6 +87,25 @@ class Run:
     @property
     def mode(self) -> str:
         return self.summary.get("job", {}).get("mode", "noised")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.summary.get("job", {}).get("options", {})
+
+    @property
+    def recipe(self) -> str:
+        """The recipe that fitted these probes (runs from before recipes: named by their method)."""
+        job = self.summary.get("job", {})
+        return job.get("recipe") or job.get("method") or "ridge"
+
+    @property
+    def protocol(self) -> str:
+        return self.summary.get("job", {}).get("protocol") or "ldmprobe"
+
+    @property
+    def provenance(self) -> str:
+        """One line naming what produced the figures of this run."""
+        return f"recipe: {self.recipe} · protocol: {self.protocol}"
 
     def metrics(self, prop: str) -> list[str]:
         found = {r["metric"] for r in self.rows if r["property"] == prop}
@@ -283,7 +303,7 @@ def heatmap_figure(run: Run, prop: str):
         bar.ax.axhline(base, color="white", linestyle="--", linewidth=2)
         bar.set_label(bar.ax.get_ylabel() + "\n(dashed: trivial baseline)")
     ax.set_title(f"{prop}: {METRIC_NAMES[metric]} of linear probes per layer and step\n"
-                 f"test set n = {run.test_images} images · red box = best · {name}", fontsize=10)
+                 f"test set n = {run.test_images} images · red box = best · {name}\n{run.provenance}", fontsize=10)
     return fig
 
 
@@ -324,7 +344,7 @@ def emergence_figure(run: Run, props: list[str], show_layers: Sequence[str] = ()
         ax.set_xticks(run.steps if len(run.steps) <= 16 else run.steps[::2])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-    fig.suptitle("When each property becomes linearly decodable", fontsize=11)
+    fig.suptitle(f"When each property becomes linearly decodable ({run.provenance})", fontsize=11)
     return fig
 
 
@@ -409,7 +429,8 @@ def open_context(args, run: Run) -> Context:
     height, width = bank.image_size or (model.default_size, model.default_size)
     settings = GenerationSettings(steps=bank.num_steps or len(run.steps), scheduler=bank.scheduler or "lms",
                                   guidance=args.guidance, height=height, width=width)
-    ctx = Context(Sampler(model), bank, settings)
+    # The bank's own schedule: the timesteps its probes were fitted at.
+    ctx = Context(Sampler(model, timestep_spacing=bank.extra.get("timestep_spacing_option", "study")), bank, settings)
     if args.curve_model:
         from .labels import DepthModel
 
@@ -438,7 +459,7 @@ def scene_example(ctx: Context, seed: int, layers: Sequence[str] = ()) -> Exampl
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None] / 255
     ex = ctx.scenes.get(seed)
     if ex is None:
-        scheduler = make_scheduler(sampler.model, ctx.settings.scheduler)
+        scheduler = make_scheduler(sampler.model, ctx.settings.scheduler, sampler.timestep_spacing)
         scheduler.set_timesteps(ctx.settings.steps, device=sampler.model.device)
         x0 = sampler.encode(image)
         noise = study_noise(seed, tuple(x0.shape[1:])).to(x0.device)
@@ -493,9 +514,13 @@ def curve_examples(ctx: Context, run: Run, args) -> list[Example]:
     n = min(args.curve_items, run.test_images or args.curve_items)
     if run.mode == "noised":
         return [scene_example(ctx, TEST_SEED_OFFSET + i) for i in range(n)]
-    from .prompts import load_prompts, study_split
+    from .prompts import load_prompts, named_split, study_split
 
-    items = load_prompts(args.curve_prompts or study_split("test"), limit=n)
+    enc, split = run.options.get("prompt_encoding", "utf-8"), run.options.get("split")
+    if args.curve_prompts is None and split:
+        items = named_split(split, "test", enc)[:n]
+    else:
+        items = load_prompts(args.curve_prompts or study_split("test"), limit=n, encoding=enc)
     return prompt_examples(ctx, [(it.prompt, it.seed) for it in items])
 
 
@@ -535,7 +560,7 @@ def figure4(ctx: Context, run: Run, props: list[str], steps: list[int], args) ->
         for prop, pred in outputs.items():
             rows.append(GridRow(f"{prop}:\n{ctx.curve_name}", prop, list(pred) + [ex.labels.get(prop)]))
     title = (f"Figure 4 — {ex.title}\nprobe maps from the best layer per property; "
-             "continuous maps normalised per panel; last column: final label")
+             f"continuous maps normalised per panel; last column: final label\n{run.provenance}")
     columns = [f"step {s}" for s in steps] + [f"{final_image} / label"]
     return figure4_figure(title, columns, rows), {"example": ex.title, "steps": steps, "layers": best}
 
@@ -600,7 +625,12 @@ def make_report(args) -> dict[str, Any]:
     if args.figure4_scene is None:
         args.figure4_scene = TEST_SEED_OFFSET
 
-    report: dict[str, Any] = {"run": str(run.path), "mode": run.mode, "test_images": run.test_images,
+    from .recipes import RECIPES
+
+    recipe = RECIPES.get(run.recipe)
+    report: dict[str, Any] = {"run": str(run.path), "mode": run.mode, "recipe": run.recipe,
+                              "recipe_description": recipe.description if recipe else None,
+                              "protocol": run.protocol, "test_images": run.test_images,
                               "steps": run.steps, "layers": run.layers,
                               "properties": {p: property_summary(run, p) for p in props}}
     files = {"tables": write_tables(run, props, out), "figures": {}}
@@ -650,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
                    "layer": s["final"]["layer"],
                    **({"curve_model_emergence_step": s["curve_model"]["emergence_step"]} if "curve_model" in s else {})}
                for p, s in report["properties"].items()}
-    print(json.dumps(_json_ready({"report": str((args.out or args.run / "report") / "report.json"), **summary})))
+    print(json.dumps(_json_ready({"report": str((args.out or args.run / "report") / "report.json"),
+                                  "recipe": report["recipe"], "protocol": report["protocol"], **summary})))
     return 0
 
 
