@@ -20,7 +20,7 @@ from training.scenes_model.architecture import WORDS, build_tokenizer
 from training.scenes_model.data import held_out_captions, held_out_scenes, is_held_out, triple
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--scenes", "24", "--size", "64", "--vae-steps", "4", "--vae-batch", "4", "--unet-steps", "6",
+SMALL = ["--scenes", "24", "--size", "64", "--vae-steps", "4", "--vae-batch", "4", "--decoder-steps", "4", "--unet-steps", "6",
          "--batch", "4", "--checkpoint-every", "2", "--warmup", "2", "--no-progress"]
 
 
@@ -36,6 +36,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     """Weights + EMA weights + optimizer moments of the final U-Net checkpoint, and the VAE's."""
     out = {f"unet:{k}": v for k, v in load_file(str(run / "unet.checkpoint.safetensors")).items()}
     out.update({f"vae:{k}": v for k, v in load_file(str(run / "vae.checkpoint.safetensors")).items()})
+    out.update({f"decoder:{k}": v for k, v in load_file(str(run / "decoder.checkpoint.safetensors")).items()})
     return out
 
 
@@ -78,7 +79,7 @@ def test_training_is_deterministic_and_a_killed_run_resumes_to_the_same_weights(
     full = _train(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
     line = json.loads(full.stdout.strip().splitlines()[-1])
-    assert line["done"] and set(line["wall_s"]) == {"render", "vae", "latents", "unet"}
+    assert line["done"] and set(line["wall_s"]) == {"render", "vae", "decoder", "latents", "unet"}
     again = _train(tmp_path / "again")
     assert again.returncode == 0
     reference = _weights(tmp_path / "full")

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "size": "image side in pixels (multiple of 64)", "vae_steps": "VAE optimisation steps",
         "vae_batch": "VAE batch size", "vae_lr": "VAE peak learning rate", "kl_weight": "VAE KL weight",
         "unet_steps": "U-Net + text encoder steps", "batch": "U-Net global batch size (split across ranks)",
-        "lr": "U-Net peak learning rate (AdamW)", "warmup": "linear warm-up steps",
+        "lr": "U-Net peak learning rate (AdamW)", "decoder_steps": "decoder fine-tuning steps (encoder frozen)",
+        "decoder_lr": "decoder fine-tuning peak learning rate", "warmup": "linear warm-up steps",
         "cfg_dropout": "probability of training on the empty caption", "ema_decay": "EMA decay of exported weights",
         "checkpoint_every": "steps between atomic checkpoints", "dtype": "dtype of the exported weights",
     }
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name), help=f"{helps[f.name]} (default: {getattr(defaults, f.name)})")
     t.add_argument("--stop-after", type=int, default=None, help="stop after the checkpoint at this step of the current stage (testing resumption; default: run to the end)")
+    t.add_argument("--only", choices=["vae", "decoder", "unet"], default=None,
+                   help="run just this stage and stop (the decoder and the U-Net can train side by side; default: all)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     e = sub.add_parser("evaluate", help="adherence of samples to held-out captions, judged by the label models")
     e.add_argument("--model", default="scenes", help="model to evaluate: scenes, tiny or a folder (default: scenes)")
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     if args.command == "train":
-        for name in ("scenes", "vae_steps", "vae_batch", "unet_steps", "batch", "checkpoint_every"):
+        for name in ("scenes", "vae_steps", "vae_batch", "decoder_steps", "unet_steps", "batch", "checkpoint_every"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
         if args.size % 64 or args.size < 64:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         try:
-            trainer = Trainer(args.out, cfg, progress=not args.no_progress, stop_after=args.stop_after)
+            trainer = Trainer(args.out, cfg, progress=not args.no_progress, stop_after=args.stop_after, only=args.only)
         except ValueError as exc:
             p.error(f"--out: {exc}")
         job = trainer.run()

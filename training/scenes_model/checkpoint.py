@@ -48,3 +48,11 @@ def load(path: Path, modules: dict[str, torch.nn.Module | dict[str, torch.Tensor
         optimizer.load_state_dict(sd)
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["meta"])
+
+
+def meta(path: Path) -> dict:
+    """The counters of a checkpoint without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["meta"])

@@ -29,7 +29,8 @@ from . import checkpoint
 from .architecture import build_components, scheduler_config
 from .data import render_training_set, to_tensor, world
 
-STAGE_IDS = {"vae": 1, "latents": 2, "unet": 3}
+STAGE_IDS = {"vae": 1, "latents": 2, "unet": 3, "decoder": 4}
+STAGES = ("vae", "decoder", "unet")  # what --only may pick; latents follow the VAE
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6  # SD's KL weight: latents stay close to deterministic
+    decoder_steps: int = 800  # decoder fine-tuning with the encoder frozen (SD's ft-MSE VAE): latents unchanged
+    decoder_lr: float = 5e-4
     unet_steps: int = 3500
     batch: int = 32
     lr: float = 1e-3
@@ -77,6 +80,22 @@ class _VAELoss(torch.nn.Module):
         return (rec - x).abs().mean() + F.mse_loss(rec, x) + self.kl_weight * posterior.kl().mean()
 
 
+class _DecoderLoss(torch.nn.Module):
+    """Reconstruction from the frozen encoder's posterior mean (the latents the U-Net learns)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mean
+        rec = self.vae.decode(z).sample
+        return (rec - x).abs().mean() + F.mse_loss(rec, x)
+
+
 class _DenoiseLoss(torch.nn.Module):
     """Epsilon-prediction MSE of the U-Net conditioned on the (trained) text encoder."""
 
@@ -91,8 +110,11 @@ class _DenoiseLoss(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, out: Path, cfg: TrainConfig, progress: bool = True, stop_after: int | None = None):
-        self.out, self.cfg, self.progress, self.stop_after = Path(out), cfg, progress, stop_after
+    def __init__(self, out: Path, cfg: TrainConfig, progress: bool = True, stop_after: int | None = None,
+                 only: str | None = None):
+        """only: run just that stage (vae, decoder or unet) and stop — the decoder and the U-Net
+        depend only on the VAE's encoder, so two processes can train them side by side."""
+        self.out, self.cfg, self.progress, self.stop_after, self.only = Path(out), cfg, progress, stop_after, only
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dist: Dist = init_dist(self.device)
         if self.device.type == "cuda":
@@ -109,8 +131,12 @@ class Trainer:
         config = dataclasses.asdict(self.cfg)
         if self.job_path.is_file():
             job = json.loads(self.job_path.read_text())
-            if job.get("config") != config:
-                raise ValueError(f"{self.out} holds a run with other settings: {job.get('config')}; use another --out")
+            stored = job.get("config") or {}
+            # settings added to the job after a run started are accepted at their defaults
+            defaults = dataclasses.asdict(TrainConfig())
+            if any(stored.get(k, defaults[k]) != v for k, v in config.items()) or set(stored) - set(config):
+                raise ValueError(f"{self.out} holds a run with other settings: {stored}; use another --out")
+            job["config"] = config
             return job
         if self.out.exists() and any(self.out.iterdir()):
             raise ValueError(f"{self.out} exists and holds something else; use an empty or new --out")
@@ -121,6 +147,13 @@ class Trainer:
         return job
 
     def _add_time(self, stage: str, seconds: float) -> None:
+        """Accumulate a stage's wall time; merged with job.json on disk, where a process training
+        another stage side by side (--only) records its own."""
+        if self.job_path.is_file():
+            on_disk = json.loads(self.job_path.read_text())
+            for key in ("wall_s", "loss"):
+                self.job[key] = {**on_disk.get(key, {}), **{k: v for k, v in self.job.get(key, {}).items()
+                                                             if k not in on_disk.get(key, {}) or k == stage}}
         self.job["wall_s"][stage] = round(self.job["wall_s"].get(stage, 0.0) + seconds, 1)
         if self.dist.main:
             write_json(self.job_path, self.job)
@@ -151,15 +184,48 @@ class Trainer:
             self._add_time("render", time.perf_counter() - t0)
         self.captions = data["captions"]
         images = data["images"]
-        if not self._train_vae(images):
+        if not self._train_vae(images) or self.only == "vae":
+            return self.job
+        if self.only != "unet" and not self._train_decoder(images) or self.only == "decoder":
             return self.job
         latents = self._latents(images)
-        if not self._train_unet(latents):
+        if not self._train_unet(latents) or self.only == "unet":
             return self.job
         if self.dist.main:
+            self._reconcile_times()
             self.export()
         self._barrier()
         return self.job
+
+    def _reconcile_times(self) -> None:
+        """Each stage's checkpoint carries its own accumulated wall time: the record that survives
+        two processes writing job.json side by side."""
+        for stage in ("vae", "decoder", "unet"):
+            path = self.out / f"{stage}.checkpoint.safetensors"
+            seconds = checkpoint.meta(path).get("wall_s") if path.is_file() else None
+            if seconds is not None:
+                self.job["wall_s"][stage] = max(self.job["wall_s"].get(stage, 0.0), seconds)
+        write_json(self.job_path, self.job)
+
+    def _load_vae(self) -> None:
+        """The trained VAE (encoder and first decoder) from its checkpoint."""
+        checkpoint.load(self.out / "vae.checkpoint.safetensors", {"vae": self.vae}, None)
+
+    def _train_decoder(self, images: np.ndarray) -> bool:
+        """Fine-tune the decoder on the encoder's posterior means, the encoder frozen: the U-Net's
+        latents do not move, the decoded images get sharper and truer in colour."""
+        cfg, path = self.cfg, self.out / "decoder.checkpoint.safetensors"
+        self._load_vae()
+        vae = self.vae.to(self.device)
+        decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
+        opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+        step = checkpoint.load(path, {"decoder": decoder}, opt)["step"] if path.is_file() else 0
+        if step >= cfg.decoder_steps:
+            return True
+        model = self._wrap(_DecoderLoss(vae))
+        decoder.train()
+        return self._loop("decoder", model, opt, step, cfg.decoder_steps, cfg.decoder_lr, path, {"decoder": decoder},
+                          lambda s, g: self._vae_batch(images, g)[:1])
 
     def _train_vae(self, images: np.ndarray) -> bool:
         cfg, path = self.cfg, self.out / "vae.checkpoint.safetensors"
@@ -188,6 +254,7 @@ class Trainer:
 
         cfg = self.cfg
         t0, losses = time.perf_counter(), []
+        stage_s = checkpoint.meta(path).get("wall_s", 0.0) if path.is_file() else 0.0
         bar = tqdm(total=total, initial=step, desc=f"train {stage}", unit="step", disable=not (self.progress and self.dist.main))
         while step < total:
             for group in opt.param_groups:
@@ -204,8 +271,10 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if step % cfg.checkpoint_every == 0 or step == total:
+                stage_s += time.perf_counter() - t0
                 if self.dist.main:
-                    checkpoint.save(path, saved, opt, {"step": step, "loss": float(np.mean(losses[-50:]))})
+                    checkpoint.save(path, saved, opt, {"step": step, "loss": float(np.mean(losses[-50:])),
+                                                       "wall_s": round(stage_s, 1)})
                     self.job.setdefault("loss", {})[stage] = round(float(np.mean(losses[-50:])), 5)
                 self._barrier()
                 self._add_time(stage, time.perf_counter() - t0)
@@ -278,6 +347,11 @@ class Trainer:
         """The EMA weights as a diffusers-format folder `out/model` (atomic: built beside, renamed)."""
         from ldmprobe.models import SDModel, save_model
 
+        self._load_vae()
+        if (self.out / "decoder.checkpoint.safetensors").is_file():
+            decoder = torch.nn.ModuleDict({"post_quant_conv": self.vae.post_quant_conv, "decoder": self.vae.decoder})
+            checkpoint.load(self.out / "decoder.checkpoint.safetensors", {"decoder": decoder}, None)
+        self.vae.register_to_config(scaling_factor=float(load_file_scale(self.out)))
         saved = {"ema_unet": _EMA.fresh(self.unet), "ema_text_encoder": _EMA.fresh(self.text_encoder)}
         checkpoint.load(self.out / "unet.checkpoint.safetensors", saved, None)
         self.unet.load_state_dict(saved["ema_unet"], strict=False)
@@ -294,6 +368,12 @@ class Trainer:
         for m in modules:
             m.float()
         return final
+
+
+def load_file_scale(out: Path) -> float:
+    from safetensors.torch import load_file
+
+    return float(load_file(str(out / "latents.safetensors"))["scaling_factor"])
 
 
 class _EMA:
