@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "seed": "seed of initialisation, data order and noise", "scenes": "training renders",
         "size": "image side in pixels (multiple of 64)", "vae_steps": "VAE optimisation steps",
-        "vae_batch": "VAE batch size", "vae_lr": "VAE peak learning rate", "kl_weight": "VAE KL weight",
+        "vae_batch": "VAE batch size", "vae_crop": "side of the VAE's random training crops", "vae_lr": "VAE peak learning rate", "kl_weight": "VAE KL weight",
         "unet_steps": "U-Net + text encoder steps", "batch": "U-Net global batch size (split across ranks)",
-        "lr": "U-Net peak learning rate (AdamW)", "decoder_steps": "decoder fine-tuning steps (encoder frozen)",
+        "lr": "U-Net peak learning rate (AdamW)", "decoder_steps": "decoder fine-tuning steps, encoder frozen (0: none)",
         "decoder_lr": "decoder fine-tuning peak learning rate", "warmup": "linear warm-up steps",
         "cfg_dropout": "probability of training on the empty caption", "ema_decay": "EMA decay of exported weights",
         "checkpoint_every": "steps between atomic checkpoints", "dtype": "dtype of the exported weights",
@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     if args.command == "train":
-        for name in ("scenes", "vae_steps", "vae_batch", "decoder_steps", "unet_steps", "batch", "checkpoint_every"):
+        for name in ("scenes", "vae_steps", "vae_batch", "vae_crop", "unet_steps", "batch", "checkpoint_every"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
         if args.size % 64 or args.size < 64:
             p.error(f"--size: must be a multiple of 64, got {args.size}")
+        if args.decoder_steps < 0:
+            p.error(f"--decoder-steps: must be >= 0, got {args.decoder_steps}")
         if args.dtype not in ("float16", "float32", "bfloat16"):
             p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
         if not 0 <= args.cfg_dropout < 1:

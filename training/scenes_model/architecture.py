@@ -5,7 +5,8 @@ Up + CrossAttnUp ×3, two resnets per block), so the layer registry finds the sa
 (`enc1.0 … dec4.2`). Widths were chosen by measured training speed on 2 CPU cores at batch 32:
 (32, 64, 64, 64) costs 0.76 s/step (3.3 M parameters); (48, 64, 96, 96) cost 4× more. The VAE
 down-samples ×8 to 4 latent channels like SD's; its narrow first block (16 channels at 128²)
-keeps a training step under a second. The text encoder is a 2-layer CLIP text transformer over a
+keeps a training step under a second; it trains on random 64² crops (a convolutional autoencoder
+is local), 4× cheaper per sample than whole images. The text encoder is a 2-layer CLIP text transformer over a
 word-level BPE vocabulary: every caption word is one token, as in CLIP for common words.
 The noise schedule is SD's (scaled_linear 0.00085–0.012, 1000 steps, epsilon prediction).
 """
@@ -36,7 +37,10 @@ VAE = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "layers_per_block": 1,
-    "norm_num_groups": 16,
+    # 4 groups, not 16: with one channel per group GroupNorm is an instance norm, which removes each
+    # channel's mean over the image (a flat colour) — measured: a 16-group VAE kept colour so poorly
+    # that a nearest-centroid read-out of the object's colour from its latents was right 31 % of the time.
+    "norm_num_groups": 4,
     "sample_size": 128,
     "scaling_factor": 1.0,  # replaced after VAE training by 1 / std of the latents, as SD's 0.18215
 }

@@ -40,7 +40,7 @@ def ship(run: Path, to: Path, command: str, figures: dict, extra_files: dict[str
     card = {"model": "scenes", "architecture": "Stable Diffusion v1.4's (UNet2DConditionModel, AutoencoderKL ×8 / 4 "
             "latent channels, CLIPTextModel), scaled down; see training/scenes_model/architecture.py",
             "data": "renders of training.scenes with MODEL_SCENES (one plain object of 8 colours × 3 kinds on a plain "
-                    f"floor of 5 colours), {job['config']['scenes']} training scenes (+ mirror images), 64 held-out "
+                    f"floor of 5 colours), {job['config']['scenes']} training scenes, 64 held-out "
                     "captions never rendered for training (training/scenes_model/data.py)",
             "command": command, "seed": job["config"]["seed"], "config": job["config"],
             "wall_s": job["wall_s"], "wall_min_total": round(sum(job["wall_s"].values()) / 60, 1),

@@ -31,6 +31,10 @@ from .data import render_training_set, to_tensor, world
 
 STAGE_IDS = {"vae": 1, "latents": 2, "unet": 3, "decoder": 4}
 STAGES = ("vae", "decoder", "unet")  # what --only may pick; latents follow the VAE
+# The stage each setting belongs to (others: the VAE's, i.e. fixed from the start). A setting may change
+# between invocations until its stage has a checkpoint.
+STAGE_SETTINGS = {"vae_crop": "vae", "decoder_steps": "decoder", "decoder_lr": "decoder", "unet_steps": "unet", "batch": "unet",
+                  "lr": "unet", "cfg_dropout": "unet", "ema_decay": "unet", "checkpoint_every": "unet", "dtype": "unet"}
 
 
 @dataclass
@@ -41,10 +45,11 @@ class TrainConfig:
     scenes: int = 12000  # training renders (held-out captions never among them)
     size: int = 128
     vae_steps: int = 800
-    vae_batch: int = 16
+    vae_batch: int = 32
+    vae_crop: int = 64  # the VAE trains on random crops of this side (whole images when >= size)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6  # SD's KL weight: latents stay close to deterministic
-    decoder_steps: int = 800  # decoder fine-tuning with the encoder frozen (SD's ft-MSE VAE): latents unchanged
+    decoder_steps: int = 0  # optional; decoder fine-tuning with the encoder frozen (SD's ft-MSE VAE): latents unchanged
     decoder_lr: float = 5e-4
     unet_steps: int = 3500
     batch: int = 32
@@ -132,19 +137,26 @@ class Trainer:
         if self.job_path.is_file():
             job = json.loads(self.job_path.read_text())
             stored = job.get("config") or {}
-            # settings added to the job after a run started are accepted at their defaults
+            # settings added to the job after a run started are accepted at their defaults; settings of
+            # stages that have not started yet may change (their checkpoints do not exist)
             defaults = dataclasses.asdict(TrainConfig())
-            if any(stored.get(k, defaults[k]) != v for k, v in config.items()) or set(stored) - set(config):
-                raise ValueError(f"{self.out} holds a run with other settings: {stored}; use another --out")
+            frozen = [k for k in config if self._started(STAGE_SETTINGS.get(k, "vae"))]
+            changed = [k for k in frozen if stored.get(k, defaults[k]) != config[k]]
+            if changed or set(stored) - set(config):
+                raise ValueError(f"{self.out} holds a run with other settings ({', '.join(changed) or 'unknown keys'}: "
+                                 f"{ {k: stored.get(k) for k in changed} }); use another --out")
             job["config"] = config
             return job
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and {p.name for p in self.out.iterdir()} - {"data"}:  # a render cache may be reused
             raise ValueError(f"{self.out} exists and holds something else; use an empty or new --out")
         job = {"job": "training.scenes_model", "config": config, "wall_s": {}, "world_size": self.dist.world,
                "device": self.device.type, "torch": torch.__version__}
         if self.dist.main:
             write_json(self.job_path, job)
         return job
+
+    def _started(self, stage: str) -> bool:
+        return stage == "vae" or (self.out / f"{stage}.checkpoint.safetensors").is_file()
 
     def _add_time(self, stage: str, seconds: float) -> None:
         """Accumulate a stage's wall time; merged with job.json on disk, where a process training
@@ -186,7 +198,7 @@ class Trainer:
         images = data["images"]
         if not self._train_vae(images) or self.only == "vae":
             return self.job
-        if self.only != "unet" and not self._train_decoder(images) or self.only == "decoder":
+        if self.only != "unet" and cfg_decoder(self.cfg) and not self._train_decoder(images) or self.only == "decoder":
             return self.job
         latents = self._latents(images)
         if not self._train_unet(latents) or self.only == "unet":
@@ -240,12 +252,14 @@ class Trainer:
 
     def _vae_batch(self, images: np.ndarray, g: torch.Generator):
         cfg = self.cfg
+        crop = min(cfg.vae_crop, cfg.size)
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
         flip = torch.rand(cfg.vae_batch, generator=g) < 0.5
-        lat = cfg.size // 8
-        eps = torch.randn(cfg.vae_batch, 4, lat, lat, generator=g)
-        idx, flip, eps = self._slice(idx), self._slice(flip), self._slice(eps)
+        corner = torch.randint(0, cfg.size - crop + 1, (cfg.vae_batch, 2), generator=g) // 8 * 8
+        eps = torch.randn(cfg.vae_batch, 4, crop // 8, crop // 8, generator=g)
+        idx, flip, corner, eps = self._slice(idx), self._slice(flip), self._slice(corner), self._slice(eps)
         x = to_tensor(images[idx.numpy()])
+        x = torch.stack([xi[:, r:r + crop, c:c + crop] for xi, (r, c) in zip(x, corner.tolist(), strict=True)])
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x.to(self.device), eps.to(self.device)
 
@@ -287,8 +301,8 @@ class Trainer:
 
     @torch.no_grad()
     def _latents(self, images: np.ndarray) -> torch.Tensor:
-        """Posterior means of every render and its mirror image, scaled to unit variance (the
-        VAE's scaling_factor is set to 1 / std, as SD's 0.18215 was)."""
+        """Posterior means of every render, scaled to unit variance (the VAE's scaling_factor is set
+        to 1 / std, as SD's 0.18215 was)."""
         path = self.out / "latents.safetensors"
         from safetensors.torch import load_file, save_file
 
@@ -297,12 +311,12 @@ class Trainer:
         vae = self.vae.eval()
         if not path.is_file() and self.dist.main:
             t0 = time.perf_counter()
-            origs, mirrors = [], []
-            for i in range(0, len(images), 64):
-                x = to_tensor(images[i:i + 64]).to(self.device)
-                origs.append(vae.encode(x).latent_dist.mean.cpu())
-                mirrors.append(vae.encode(x.flip(-1)).latent_dist.mean.cpu())
-            lat = torch.stack([torch.cat(origs), torch.cat(mirrors)])  # [2, N, 4, h, w]
+            from tqdm.auto import tqdm
+
+            chunks = []
+            for i in tqdm(range(0, len(images), 64), desc="latents", unit="batch", disable=not self.progress):
+                chunks.append(vae.encode(to_tensor(images[i:i + 64]).to(self.device)).latent_dist.mean.cpu())
+            lat = torch.cat(chunks)  # [N, 4, h, w]
             scale = float(1.0 / lat.std())
             with atomic_path(path) as tmp:
                 save_file({"latents": lat.contiguous(), "scaling_factor": torch.tensor(scale)}, str(tmp))
@@ -312,7 +326,7 @@ class Trainer:
         scale = float(data["scaling_factor"])
         vae.register_to_config(scaling_factor=scale)
         self.job["scaling_factor"] = scale
-        return data["latents"].flatten(0, 1) * scale  # index i < N: render i; N + i: its mirror
+        return data["latents"] * scale
 
     def _train_unet(self, latents: torch.Tensor) -> bool:
         from diffusers import DDPMScheduler
@@ -334,11 +348,11 @@ class Trainer:
         model = self._wrap(_DenoiseLoss(unet, text, noise_scheduler))
 
         def batch(step, g):
-            idx = torch.randint(2 * n, (cfg.batch,), generator=g)
+            idx = torch.randint(n, (cfg.batch,), generator=g)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
             noise = torch.randn(cfg.batch, *latents.shape[1:], generator=g)
             drop = torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout
-            tok = torch.where(drop[:, None], empty[None], ids[idx % n])
+            tok = torch.where(drop[:, None], empty[None], ids[idx])
             return tuple(self._slice(v).to(self.device) for v in (latents[idx], tok, noise, t))
 
         return self._loop("unet", model, opt, step, cfg.unet_steps, cfg.lr, path, saved, batch, ema=ema)
@@ -368,6 +382,10 @@ class Trainer:
         for m in modules:
             m.float()
         return final
+
+
+def cfg_decoder(cfg: TrainConfig) -> bool:
+    return cfg.decoder_steps > 0
 
 
 def load_file_scale(out: Path) -> float:
