@@ -28,3 +28,17 @@ def test_bench_intervene_smoke(scene_bank):
     e2e = out["end_to_end"]
     assert e2e["intervention_vs_generation"] > 0 and e2e["edit"]["layers"] == 9
     assert e2e["representation"]["rmse_to_target"] < e2e["representation"]["rmse_baseline"]
+
+
+def test_bench_intervene_fits_its_own_bank_quietly(capsys):
+    """Without --bank the bench fits one; the job's JSON line goes to stderr, so the bench's
+    stdout stays ONE line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_intervene", ROOT / "bench" / "intervene.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, source = bench.fitted_bank(None, 2, None)
+    assert path.is_file() and "12 rendered scenes" in source
+    captured = capsys.readouterr()
+    assert captured.out == "" and '"bank"' in captured.err
