@@ -21,7 +21,7 @@ PY=${PYTHON:-python3}
 DRY=()
 WHEELS=""
 DEST=""
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }  # the header
 die() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
 while (($#)); do
     case $1 in
