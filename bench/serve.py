@@ -84,17 +84,14 @@ def start_server(root: Path, store: Path, cache: Path, deadline: Deadline, start
     return srv, time.monotonic() - t0
 
 
-def ensure_bank(bank: Path, quick: bool) -> Path:
-    """The bank file, fitted first when missing (tiny model, rendered scenes: scripts/serve.sh's
-    command, fewer scenes with --quick); the job's output goes to stderr."""
+def ensure_bank(bank: Path) -> Path:
+    """The bank file, fitted first when missing by scripts/serve.sh's command (tiny model, 48
+    rendered scenes: the bank `make serve` would fit there); the job's output goes to stderr."""
     if bank.is_file():
         return bank
-    if bank.name != "bank.safetensors":
-        raise SystemExit(f"bench/serve.py: no bank at {bank} (training.fit can only write OUT/bank.safetensors)")
-    scenes = ["--scenes", "12", "--test-scenes", "4"] if quick else ["--scenes", "48", "--test-scenes", "8"]
     print(f"bench/serve.py: fitting a probe bank for the tiny model → {bank}", file=sys.stderr)
-    done = subprocess.run([sys.executable, "-m", "training.fit", "--model", "tiny", *scenes, "--out", str(bank.parent),
-                           "--no-progress"], cwd=ROOT, stdout=sys.stderr)
+    job = ["-m", "training.fit", "--model", "tiny", "--scenes", "48", "--test-scenes", "8", "--out", str(bank.parent)]
+    done = subprocess.run([sys.executable, *job, "--no-progress"], cwd=ROOT, stdout=sys.stderr)
     if done.returncode or not bank.is_file():
         raise SystemExit(f"bench/serve.py: fitting the bank into {bank.parent} failed (exit {done.returncode})")
     return bank
@@ -153,8 +150,8 @@ def java_version() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 rounds of 2 + 8 timed requests (1 + 8 clients), no cold start, a bank "
-                             "fitted on 12 scenes when missing; its ratios mean little (default: off)")
+                        help="smoke run: 2 rounds of 2 + 8 timed requests (1 + 8 clients), no cold start; its "
+                             "ratios mean little (default: off)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 4; 2 with --quick)")
     parser.add_argument("--c1-requests", type=int, default=None,
                         help="timed requests per round at 1 client (default: 3; 2 with --quick)")
@@ -179,7 +176,9 @@ def main() -> None:
         if n * rounds > MAX_TIMED:
             parser.error(f"{n} × {rounds} rounds > {MAX_TIMED} timed requests at {c} client(s)")
     args.no_cold = args.no_cold or args.quick
-    bank = ensure_bank(Path(args.bank), args.quick)
+    if not Path(args.bank).is_file() and Path(args.bank).name != "bank.safetensors":
+        parser.error(f"--bank: no file at {args.bank}, and training.fit can only fit one named OUT/bank.safetensors")
+    bank = ensure_bank(Path(args.bank))
     committed = yaml.safe_load((ROOT / "handlers" / "probe-config.yaml").read_text())
     batch_on = args.batch_size or int(committed["batchSize"])
     buckets = [b for b in (1, 2, 4, 8, 16, 32) if b < batch_on] + [batch_on]
