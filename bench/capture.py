@@ -11,7 +11,6 @@ GPU; on CPU one round of one step proves it runs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from ldmprobe.jsonout import print_line  # noqa: E402
 
 
 def build_unet(full: bool, device: torch.device, dtype: torch.dtype):
@@ -47,10 +48,15 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="real SD v1.4 U-Net config, random weights")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 1 for --full on CPU)")
-    parser.add_argument("--calls", type=int, default=None, help="U-Net calls per variant per round")
+    parser.add_argument("--full", action="store_true",
+                        help="real SD v1.4 U-Net config, random weights (default: off = the tiny model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = CUDA when available)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (default: 7; 1 for --full on CPU or with --quick)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="U-Net calls per variant per round (default: 10; 1 for --full on CPU or with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run, 1 round of 1 call: checks it runs, its ratios mean nothing (default: off)")
     args = parser.parse_args()
 
     from ldmprobe.capture import CapturingUNet, HookCapture, compile_capturing
@@ -58,9 +64,9 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(None, device)
-    slow_cpu = args.full and device.type == "cpu"
-    rounds = args.rounds or (1 if slow_cpu else 7)
-    calls = args.calls or (1 if slow_cpu else 10)
+    few = args.quick or (args.full and device.type == "cpu")
+    rounds = args.rounds or (1 if few else 7)
+    calls = args.calls or (1 if few else 10)
 
     ref_unet = build_unet(args.full, device, dtype)  # the reference: plain processors + hooks
     our_unet = build_unet(args.full, device, dtype)
@@ -104,8 +110,8 @@ def main() -> None:
                 sync(device)
                 times[name].append((time.perf_counter() - start) / calls)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({
-        "bench": "capture",
+    print_line({
+        "bench": "capture", "quick": args.quick,
         "model": "sd-v1-4 (random weights)" if args.full else "tiny",
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -116,8 +122,7 @@ def main() -> None:
         "speedup_vs_hooks": round(med["eager_hooks"] / med["compiled_capture"], 4),
         "max_abs_diff_vs_hooks": max_diff,
         "goals": {"capture_overhead": "<= 1.03", "speedup_vs_hooks": ">= 1.5"},
-    }))
-    sys.stdout.flush()
+    })
 
 
 if __name__ == "__main__":

@@ -14,14 +14,17 @@ classifier always sees 224×224, so its fixed cost weighs more at small sizes. F
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from ldmprobe.jsonout import print_line  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -72,13 +75,22 @@ def flop_table(size: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 512 on CUDA, 256 on CPU)")
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the per-step comparison")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = CUDA when available)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (default: 512 on CUDA, 256 on CPU, 64 with --quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps classified (default: 15; 3 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the per-step comparison (default: 3; 1 with --quick)")
     parser.add_argument("--batch-rounds", type=int, default=None,
-                        help="rounds of the all-steps comparison (default 2 on CPU, where one round takes ~1 min; 3 on CUDA)")
+                        help="rounds of the all-steps comparison, at most --rounds (default: 2 on CPU, where one "
+                             "round takes ~1 min; 3 on CUDA)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run at 64 px, 3 steps, 1 round: checks it runs, its ratios mean nothing "
+                             "(default: off)")
     args = parser.parse_args()
+    args.steps = args.steps or (3 if args.quick else 15)
+    args.rounds = args.rounds or (1 if args.quick else 3)
 
     from ldmprobe.classify import StepClassifier, load_vgg16
     from ldmprobe.models import resolve_device, resolve_dtype
@@ -86,7 +98,7 @@ def main() -> None:
     started = time.perf_counter()
     device = resolve_device(args.device)
     dtype = resolve_dtype(None, device)
-    size = args.size or (512 if device.type == "cuda" else 256)
+    size = args.size or (64 if args.quick else 512 if device.type == "cuda" else 256)
     batch_rounds = min(args.batch_rounds or (3 if device.type == "cuda" else 2), args.rounds)
     vae, tiny = build_decoders(device, dtype)
     vgg = load_vgg16("random", device, dtype)
@@ -140,8 +152,8 @@ def main() -> None:
         return round((t["tiny_decode"] + t["vgg16_224"]) / (t["vae_decode"] + t["vgg16_224"]), 4)
 
     ratio = total["tiny"] / total["vae"]
-    print(json.dumps({
-        "bench": "classify",
+    print_line({
+        "bench": "classify", "quick": args.quick,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "image_size": size, "latent_size": size // 8, "classifier_input": vgg.input_size, "steps": args.steps,
@@ -158,8 +170,7 @@ def main() -> None:
         "goals": {"tiny_decoder_cost_ratio": "<= 0.05"},
         "goal_met": ratio <= 0.05,
         "wall_s": round(time.perf_counter() - started, 1),
-    }))
-    sys.stdout.flush()
+    })
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ threshold fixed so freed blocks leave the resident set. Both probes are scored o
 images at image resolution (layer map nearest-upsampled, as the study), averaged over the
 fitted (layer, step) pairs.
 
-    python bench/fit.py [--train 48] [--test 16] [--layers dec4.0,dec3.0,mid.0] [--fit-steps 0,7,14]
+    python bench/fit.py [--quick] [--train 48] [--test 16] [--layers dec4.0,dec3.0,mid.0] [--fit-steps 0,7,14]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldmprobe.jsonout import print_line  # noqa: E402
 from training.fit import TEST_SEED_OFFSET, Accumulator, solve_ridge  # noqa: E402
 from training.labels import PROPERTIES  # noqa: E402
 from training.reference import fit_reference  # noqa: E402
@@ -50,22 +51,40 @@ KINDS = [PROPERTIES[p] for p in PROPS]
 GOALS = {"speedup_vs_reference": ">= 50", "ridge_metric": ">= reference_metric (headline)"}
 
 
+QUICK = {"train": 5, "test": 2, "layers": "dec4.0", "fit_steps": "14", "epochs": 1, "repeats": 1}
+DEFAULTS = {"train": 48, "test": 16, "layers": "dec4.0,dec3.0,mid.0", "fit_steps": "0,7,14", "epochs": 30, "repeats": 3}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=int, default=48, help="training scenes (incl. validation images)")
-    p.add_argument("--test", type=int, default=16, help="test scenes")
-    p.add_argument("--layers", default="dec4.0,dec3.0,mid.0")
-    p.add_argument("--steps", type=int, default=15, help="denoising steps of the schedule")
-    p.add_argument("--fit-steps", default="0,7,14", help="step indices extracted and fitted")
-    p.add_argument("--epochs", type=int, default=30, help="reference: epochs")
-    p.add_argument("--batch-images", type=int, default=4, help="reference: images per Adam step")
-    p.add_argument("--val-every", type=int, default=5, help="ridge: every Nth training image is validation")
-    p.add_argument("--shard-size", type=int, default=8, help="images per extraction / accumulation batch")
-    p.add_argument("--repeats", type=int, default=3, help="timed fits per method (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of both fitting processes")
+    d, q = DEFAULTS, QUICK
+    p.add_argument("--train", type=int, default=None,
+                   help=f"training scenes, incl. validation images (default: {d['train']}; {q['train']} with --quick)")
+    p.add_argument("--test", type=int, default=None, help=f"test scenes (default: {d['test']}; {q['test']} with --quick)")
+    p.add_argument("--layers", default=None,
+                   help=f"layers extracted and fitted (default: {d['layers']}; {q['layers']} with --quick)")
+    p.add_argument("--steps", type=int, default=15, help="denoising steps of the schedule (default: 15)")
+    p.add_argument("--fit-steps", default=None,
+                   help=f"step indices extracted and fitted (default: {d['fit_steps']}; {q['fit_steps']} with --quick)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"reference: epochs (default: {d['epochs']}; {q['epochs']} with --quick)")
+    p.add_argument("--batch-images", type=int, default=4, help="reference: images per Adam step (default: 4)")
+    p.add_argument("--val-every", type=int, default=5,
+                   help="ridge: every Nth training image is validation (default: 5)")
+    p.add_argument("--shard-size", type=int, default=8, help="images per extraction / accumulation batch (default: 8)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed fits per method, median (default: {d['repeats']}; {q['repeats']} with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of both fitting processes (default: 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run on a few scenes, one layer and step: checks it runs, its numbers mean nothing "
+                        "(default: off)")
     p.add_argument("--worker", choices=["ridge", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -215,7 +234,7 @@ def worker(method: str, data: Path) -> None:
             times.setdefault(k, []).append(v)
     peak_mb = (proc_kb("VmHWM") - base_kb) / 1024
     save_file({k: v.contiguous() for k, v in out.items()}, str(data / f"{method}.safetensors"))
-    print(json.dumps({"times": times, "peak_mb": peak_mb, "held_mb": held / 2**20, "base_rss_mb": base_kb / 1024}))
+    print_line({"times": times, "peak_mb": peak_mb, "held_mb": held / 2**20, "base_rss_mb": base_kb / 1024})
 
 
 def run_worker(method: str, data: Path) -> dict:
@@ -284,8 +303,8 @@ def main(argv=None) -> None:
         scores = evaluate(meta, data)
     med = {m: {k: statistics.median(v) for k, v in r["times"].items()} for m, r in res.items()}
     n_val = sum(1 for n in range(args.train) if n % args.val_every == args.val_every - 1)
-    print(json.dumps({
-        "bench": "fit", "model": "tiny", "mode": "noised (rendered scenes)",
+    print_line({
+        "bench": "fit", "quick": args.quick, "model": "tiny", "mode": "noised (rendered scenes)",
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "threads": args.threads,
         "n_train": args.train, "n_val_of_train": n_val, "n_test": args.test,
@@ -320,8 +339,7 @@ def main(argv=None) -> None:
                        "image count); reference = its training set (O(images))",
         "worker_base_rss_mb": {m: round(r["base_rss_mb"], 1) for m, r in res.items()},
         "goals": GOALS,
-    }))
-    sys.stdout.flush()
+    })
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import platform
 import statistics
@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+from ldmprobe.jsonout import print_line  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -107,8 +108,9 @@ def fitted_bank(model, steps: int, path: str | None) -> tuple[Path, str]:
     from training.fit import main as fit
 
     out = Path(tempfile.mkdtemp(prefix="bench-intervene-")) / "bank"
-    rc = fit(["--scenes", "12", "--test-scenes", "4", "--properties", "foreground", "--layers", "dec2,dec3,dec4",
-              "--steps", str(steps), "--out", str(out), "--no-progress"])
+    with contextlib.redirect_stdout(sys.stderr):  # the job's own JSON line: stdout is this bench's one line
+        rc = fit(["--scenes", "12", "--test-scenes", "4", "--properties", "foreground", "--layers", "dec2,dec3,dec4",
+                  "--steps", str(steps), "--out", str(out), "--no-progress"])
     if rc != 0:
         raise SystemExit("fitting the scene bank failed")
     return out / "bank.safetensors", "fitted on 12 rendered scenes (training.fit, noised mode)"
@@ -157,27 +159,37 @@ def bench_end_to_end(steps: int, dx: float, bank_path: str | None, compile: bool
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=512, help="image size whose SD v1.4 layer shapes are optimised")
-    p.add_argument("--iterations", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=15, help="tiny model: denoising steps")
-    p.add_argument("--dx", type=float, default=32.0, help="tiny model: shift in pixels (image 128 px)")
-    p.add_argument("--bank", default=None, help="tiny model's probe bank (default: fit a small one)")
-    p.add_argument("--compile", action="store_true", help="tiny model: compile the U-Net (and the Adam step)")
-    p.add_argument("--skip-end-to-end", action="store_true")
-    p.add_argument("--device", default="auto", help="optimisation part: auto (cuda if present), cpu, cuda")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size whose SD v1.4 layer shapes are optimised (default: 512; 128 with --quick)")
+    p.add_argument("--iterations", type=int, default=None, help="Adam iterations (default: 128; 8 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 3; 1 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="tiny model: denoising steps (default: 15; 4 with --quick)")
+    p.add_argument("--dx", type=float, default=32.0, help="tiny model: shift in pixels, image 128 px (default: 32)")
+    p.add_argument("--bank", default=None,
+                   help="tiny model's probe bank (default: fit a small one on 12 rendered scenes, about a minute)")
+    p.add_argument("--compile", action="store_true",
+                   help="tiny model: compile the U-Net and the Adam step (default: off)")
+    p.add_argument("--skip-end-to-end", action="store_true", help="only the optimisation part (a) (default: off)")
+    p.add_argument("--device", default="auto",
+                   help="optimisation part: auto, cpu or cuda (default: auto = CUDA when available)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run at 128 px, 8 iterations, 1 round, 4 steps: checks it runs, its numbers mean "
+                        "nothing (default: off)")
     args = p.parse_args(argv)
+    for key, full, quick in (("size", 512, 128), ("iterations", 128, 8), ("rounds", 3, 1), ("steps", 15, 4)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     torch.manual_seed(0)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    out = {"bench": "intervene", "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
+    out = {"bench": "intervene", "quick": args.quick, "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
            "threads": torch.get_num_threads(), "machine": platform.machine()}
     out |= bench_optimisation(args.size, args.iterations, args.rounds, device)
     if not args.skip_end_to_end:
         e2e = bench_end_to_end(args.steps, args.dx, args.bank, args.compile)
         out |= {"dice_to_target": e2e.pop("dice_to_target"), "dice_baseline": e2e.pop("dice_baseline"),
                 "end_to_end": e2e}
-    print(json.dumps(out))
+    print_line(out)
     return 0
 
 

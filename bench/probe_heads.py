@@ -15,23 +15,26 @@ All paths run with the same number of CPU threads, 1 by default: on this shared 
 2 OpenMP threads wait on a busy core and single measurements scatter from 3 to 200 ms; one
 thread gives stable ratios (use --threads 0 for torch's default on a dedicated machine).
 
-    python bench/probe_heads.py [--full] [--skip-unet] [--repeats N] [--threads N] [--device cpu|cuda]
+    python bench/probe_heads.py [--quick] [--full] [--skip-unet] [--repeats N] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ldmprobe.layers import LayerRegistry
-from ldmprobe.models import TINY_UNET, config_identity, sd_v1_4_config
-from ldmprobe.probes import ProbeBank
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from ldmprobe.jsonout import print_line  # noqa: E402
+from ldmprobe.layers import LayerRegistry  # noqa: E402
+from ldmprobe.models import TINY_UNET, config_identity, sd_v1_4_config  # noqa: E402
+from ldmprobe.probes import ProbeBank  # noqa: E402
 
 PROPERTIES = ("foreground", "depth", "shading")
 IMAGE = 512
@@ -166,15 +169,23 @@ def unet_step_ms(device: torch.device, dtype: torch.dtype, runs: int) -> tuple[l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="(a) on SD v1.4 shapes instead of the tiny model's")
-    ap.add_argument("--skip-unet", action="store_true", help="skip the SD v1.4 U-Net step (fraction is null)")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--unet-runs", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--unet-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--full", action="store_true",
+                    help="(a) on SD v1.4 shapes instead of the tiny model's (default: off)")
+    ap.add_argument("--skip-unet", action="store_true",
+                    help="skip the SD v1.4 U-Net step, fraction is then null (default: off; on with --quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="measurements per path (default: 15; 3 with --quick)")
+    ap.add_argument("--unet-runs", type=int, default=2, help="timed SD v1.4 U-Net steps, the fastest counts (default: 2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--unet-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="dtype of the SD v1.4 U-Net step (default: float32)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for every measurement; 0 = torch's default (see module docstring)")
+                    help="torch CPU threads for every measurement; 0 = torch's default, see the module docstring "
+                         "(default: 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 3 repeats, no U-Net step; checks it runs, its ratios mean nothing (default: off)")
     args = ap.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 15)
+    args.skip_unet = args.skip_unet or args.quick
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -198,7 +209,7 @@ def main() -> None:
         fraction = heads / unet_ms
 
     result = {
-        "bench": "probe_heads",
+        "bench": "probe_heads", "quick": args.quick,
         "shapes": "sd-v1-4" if args.full else "tiny",
         "layer_shapes": shape_summary(registry),
         "properties": list(PROPERTIES),
@@ -233,7 +244,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    print(json.dumps(result))
+    print_line(result)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import platform
 import sys
 import time
@@ -35,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ldmprobe.jsonout import print_line
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -177,11 +177,11 @@ def reference_effect(tiny, args, settings) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=int, default=24)
-    p.add_argument("--test", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--layers", default="dec4.0,mid.0")
+    p.add_argument("--train", type=int, default=24, help="training scenes of the fits compared (default: 24)")
+    p.add_argument("--test", type=int, default=8, help="test scenes of the fits compared (default: 8)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts generated both ways (default: 4)")
+    p.add_argument("--epochs", type=int, default=30, help="reference recipe epochs (default: 30)")
+    p.add_argument("--layers", default="dec4.0,mid.0", help="layers fitted (default: dec4.0,mid.0)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tiny = load_model("tiny")
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
            "latents": latents_effect(tiny, prompts, seeds, settings),
            "encoding": encoding_effect(Sampler(tiny), args.prompts, settings),
            "reference": reference_effect(tiny, args, settings)}
-    print(json.dumps(out, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    print_line(out)
     return 0
 
 

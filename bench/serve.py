@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -43,10 +42,13 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from serve_fixtures import Server, build_archive, free_port  # noqa: E402
 
+from ldmprobe.jsonout import print_line  # noqa: E402
+
 REPO_CACHE = ROOT / ".cache" / "inductor"
+DEFAULT_BANK = ROOT / "runs" / "tiny-bank" / "bank.safetensors"
 CONFIGS = ("batch_on", "batch_off")
 PORTS = ("inference", "management", "metrics", "worker", "grpc_inference", "grpc_management")
 MAX_TIMED = 64  # timed requests per (configuration, clients), all rounds together
@@ -80,6 +82,19 @@ def start_server(root: Path, store: Path, cache: Path, deadline: Deadline, start
     t0 = time.monotonic()
     srv.start(store, timeout=deadline.left())
     return srv, time.monotonic() - t0
+
+
+def ensure_bank(bank: Path) -> Path:
+    """The bank file, fitted first when missing by scripts/serve.sh's command (tiny model, 48
+    rendered scenes: the bank `make serve` would fit there); the job's output goes to stderr."""
+    if bank.is_file():
+        return bank
+    print(f"bench/serve.py: fitting a probe bank for the tiny model → {bank}", file=sys.stderr)
+    job = ["-m", "training.fit", "--model", "tiny", "--scenes", "48", "--test-scenes", "8", "--out", str(bank.parent)]
+    done = subprocess.run([sys.executable, *job, "--no-progress"], cwd=ROOT, stdout=sys.stderr)
+    if done.returncode or not bank.is_file():
+        raise SystemExit(f"bench/serve.py: fitting the bank into {bank.parent} failed (exit {done.returncode})")
+    return bank
 
 
 def body_for(i: int, steps: int, side: int, fmt: str) -> dict:
@@ -134,27 +149,36 @@ def java_version() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 + 8 timed requests (1 + 8 clients)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4; 2 with --quick)")
-    parser.add_argument("--c1-requests", type=int, default=None, help="timed requests per round at 1 client")
-    parser.add_argument("--c8-requests", type=int, default=None, help="timed requests per round at 8 clients")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--side", type=int, default=128, help="image height = width (tiny model: 128)")
-    parser.add_argument("--format", default="array", choices=("array", "png"))
-    parser.add_argument("--batch-size", type=int, default=None, help="batching-on batchSize (default: the config's)")
-    parser.add_argument("--bank", default=str(ROOT / "runs" / "tiny-bank" / "bank.safetensors"))
-    parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache worker start (minutes on CPU)")
-    parser.add_argument("--timeout", type=float, default=1500, help="global deadline, seconds")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 rounds of 2 + 8 timed requests (1 + 8 clients), no cold start; its "
+                             "ratios mean little (default: off)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 4; 2 with --quick)")
+    parser.add_argument("--c1-requests", type=int, default=None,
+                        help="timed requests per round at 1 client (default: 3; 2 with --quick)")
+    parser.add_argument("--c8-requests", type=int, default=None,
+                        help="timed requests per round at 8 clients (default: 12; 8 with --quick)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per request (default: 4)")
+    parser.add_argument("--side", type=int, default=128, help="image height = width in pixels (default: 128, tiny's)")
+    parser.add_argument("--format", default="array", choices=("array", "png"),
+                        help="probe map format of the requests (default: array)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batching-on batchSize (default: handlers/probe-config.yaml's)")
+    parser.add_argument("--bank", default=str(DEFAULT_BANK),
+                        help="probe bank of the tiny model, fitted there by training.fit when missing "
+                             "(default: runs/tiny-bank/bank.safetensors, the one `make serve` uses)")
+    parser.add_argument("--no-cold", action="store_true",
+                        help="skip the cold-cache worker start, minutes on CPU (default: off; on with --quick)")
+    parser.add_argument("--timeout", type=float, default=1500, help="global deadline in seconds (default: 1500)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 4)
     per_round = {1: args.c1_requests or (2 if args.quick else 3), 8: args.c8_requests or (8 if args.quick else 12)}
     for c, n in per_round.items():
         if n * rounds > MAX_TIMED:
             parser.error(f"{n} × {rounds} rounds > {MAX_TIMED} timed requests at {c} client(s)")
-    bank = Path(args.bank)
-    if not bank.is_file():
-        parser.error(f"no bank at {bank}: .venv/bin/python -m training.fit --model tiny --scenes 48 "
-                     "--test-scenes 8 --out runs/tiny-bank --no-progress")
+    args.no_cold = args.no_cold or args.quick
+    if not Path(args.bank).is_file() and Path(args.bank).name != "bank.safetensors":
+        parser.error(f"--bank: no file at {args.bank}, and training.fit can only fit one named OUT/bank.safetensors")
+    bank = ensure_bank(Path(args.bank))
     committed = yaml.safe_load((ROOT / "handlers" / "probe-config.yaml").read_text())
     batch_on = args.batch_size or int(committed["batchSize"])
     buckets = [b for b in (1, 2, 4, 8, 16, 32) if b < batch_on] + [batch_on]
@@ -239,8 +263,8 @@ def main() -> None:
 
     throughput = summary(lambda n, c: round(len(results[n][c]) / sum(walls[n][c]), 3))
     denoise = {name: by_rows(name, "denoise") for name in CONFIGS}
-    print(json.dumps({
-        "bench": "serve",
+    print_line({
+        "bench": "serve", "quick": args.quick,
         "model": "tiny", "device": "cpu", "bank": str(bank.relative_to(ROOT) if bank.is_relative_to(ROOT) else bank),
         "request": body_for(0, args.steps, args.side, args.format) | {"prompt": "bench {i}: …", "seed": "1000 + i"},
         "batch_size": {"batch_on": batch_on, "batch_off": 1}, "max_batch_delay_ms": committed["maxBatchDelay"],
@@ -281,8 +305,7 @@ def main() -> None:
         "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "wall_s": round(time.monotonic() - t_begin, 1),
         "goals": {"batching_throughput_gain": ">= 1.7"},
-    }))
-    sys.stdout.flush()
+    })
 
 
 if __name__ == "__main__":

@@ -1,27 +1,27 @@
-"""bench/fit.py runs end to end with tiny settings and prints one JSON line with its keys."""
+"""bench/fit.py --quick runs end to end and prints one strict JSON line with its keys."""
 
-import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+from ldmprobe.jsonout import loads_strict
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_fit_smoke():
-    args = ["--train", "5", "--test", "2", "--layers", "dec4.0", "--fit-steps", "14", "--epochs", "1", "--repeats", "1"]
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fit.py"), *args], cwd=ROOT,
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fit.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1
-    out = json.loads(lines[0])
+    out = loads_strict(lines[0])
     for key in ("speedup_vs_reference", "ridge_fit_s", "reference_fit_s", "ridge_peak_mb", "reference_peak_mb",
                 "memory_method", "metric_resolution", "torch", "cpu_count", "channels", "fit_steps"):
         assert key in out, key
     for method in ("ridge_metric", "reference_metric"):
         assert set(out[method]) >= {"foreground_dice", "depth_spearman", "headline"}
         assert all(math.isfinite(v) for v in out[method].values())
-    assert out["speedup_vs_reference"] > 0 and out["n_train"] == 5 and out["channels"] == {"dec4.0": 32}
+    assert out["quick"] is True and out["speedup_vs_reference"] > 0 and out["n_train"] == 5 and out["channels"] == {"dec4.0": 32}
     assert out["ridge_peak_mb"] >= 0 and out["reference_peak_mb"] >= 0

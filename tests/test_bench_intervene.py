@@ -1,24 +1,24 @@
-"""bench/intervene.py runs end to end with small settings and prints one JSON line with its keys."""
+"""bench/intervene.py --quick runs end to end and prints one strict JSON line with its keys."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import SCENE_BANK_STEPS
 
+from ldmprobe.jsonout import loads_strict
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_intervene_smoke(scene_bank):
-    args = ["--size", "128", "--iterations", "8", "--rounds", "1", "--steps", str(SCENE_BANK_STEPS),
-            "--bank", str(scene_bank), "--dx", "24"]
+    args = ["--quick", "--steps", str(SCENE_BANK_STEPS), "--bank", str(scene_bank), "--dx", "24"]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "intervene.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1
-    out = json.loads(lines[0])
+    out = loads_strict(lines[0])
     for key in ("speedup_vs_reference", "speedup_vs_reference_eager", "dice_to_target", "dice_baseline",
                 "optimise_ms", "final_loss_max_rel_diff", "end_to_end"):
         assert key in out, key
@@ -28,3 +28,17 @@ def test_bench_intervene_smoke(scene_bank):
     e2e = out["end_to_end"]
     assert e2e["intervention_vs_generation"] > 0 and e2e["edit"]["layers"] == 9
     assert e2e["representation"]["rmse_to_target"] < e2e["representation"]["rmse_baseline"]
+
+
+def test_bench_intervene_fits_its_own_bank_quietly(capsys):
+    """Without --bank the bench fits one; the job's JSON line goes to stderr, so the bench's
+    stdout stays ONE line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_intervene", ROOT / "bench" / "intervene.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, source = bench.fitted_bank(None, 2, None)
+    assert path.is_file() and "12 rendered scenes" in source
+    captured = capsys.readouterr()
+    assert captured.out == "" and '"bank"' in captured.err

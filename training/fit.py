@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ldmprobe.atomic import atomic_path, write_json
+from ldmprobe.jsonout import print_line
 from ldmprobe.probes import ProbeBank
 from ldmprobe.protocol import STUDY_DEPTH_MEAN, STUDY_DEPTH_STD
 
@@ -275,48 +276,66 @@ def build_parser() -> argparse.ArgumentParser:
             self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
     p = _Parser(prog="python -m training.fit", description="Fit a probe bank (streaming closed-form ridge).")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--mode", choices=["noised", "generated"], default="noised")
-    p.add_argument("--scenes", type=int, default=96, help="noised mode: training scenes (seeds 0…N-1)")
-    p.add_argument("--test-scenes", type=int, default=32, help=f"noised mode: test scenes (seeds {TEST_SEED_OFFSET}+)")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (built-in, random weights), a diffusers SD folder or a hub id (default: tiny)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto = CUDA when available)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto, float16, bfloat16 or float32 (default: auto = float16 on CUDA, float32 on CPU)")
+    p.add_argument("--mode", choices=["noised", "generated"], default="noised",
+                   help="noised: rendered scenes noised to every step, exact labels; generated: the model's own "
+                        "images of --prompts, labelled by --labels (default: noised)")
+    p.add_argument("--scenes", type=int, default=96, help="noised mode: training scenes, seeds 0…N-1 (default: 96)")
+    p.add_argument("--test-scenes", type=int, default=32,
+                   help=f"noised mode: test scenes, seeds {TEST_SEED_OFFSET}+ (default: 32)")
     p.add_argument("--world", choices=["auto", "full"], default="auto",
                    help="noised mode: scene distribution; auto = the model's own world (world.json of a trained "
                         "model such as scenes), else the renderer's full one (default: auto)")
-    p.add_argument("--prompts", type=Path, default=None, help="generated mode: training prompts (CSV or text)")
-    p.add_argument("--test-prompts", type=Path, default=None, help="generated mode: test prompts")
-    p.add_argument("--base-seed", type=int, default=0, help="seed of the first prompt of a text prompt file")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="generated mode: training prompts, CSV or text (default: the study's 246-prompt train split)")
+    p.add_argument("--test-prompts", type=Path, default=None,
+                   help="generated mode: test prompts (default: the study's 371-prompt test split)")
+    p.add_argument("--base-seed", type=int, default=0,
+                   help="seed of the first prompt of a text prompt file, +1 per line (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file (default: all)")
     p.add_argument("--labels", action="append", default=[], metavar="SPEC",
-                   help="generated mode label source: dpt:PATH_OR_HUB_ID (depth) or files:DIR (repeatable)")
+                   help="generated mode label source: dpt:PATH_OR_HUB_ID (depth) or files:DIR; repeatable "
+                        "(default: none; generated mode needs one)")
     p.add_argument("--protocol", choices=["ldmprobe", "study"], default="ldmprobe",
-                   help="study: every audited difference the study's way (README: Study protocol)")
+                   help="study: every audited difference the study's way, README: Study protocol (default: ldmprobe)")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="ridge (default), reference (the study's Adam recipe; default under --protocol study) or "
-                        "capstone-shading (dec4.0 shading, Adam lr 1e-2, the capstone's 500/117 split)")
-    p.add_argument("--properties", default=None, help="default foreground,depth,shading (or the recipe's)")
-    p.add_argument("--layers", default=None, help="default all (or the recipe's)")
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--scheduler", default="lms")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+                   help="ridge, reference (the study's Adam recipe) or capstone-shading (dec4.0 shading, Adam lr "
+                        "1e-2, the capstone's 500/117 split) (default: ridge; reference under --protocol study)")
+    p.add_argument("--properties", default=None,
+                   help="comma-separated properties to fit (default: foreground,depth,shading, or the recipe's)")
+    p.add_argument("--layers", default=None,
+                   help="attn1 layers: all, groups or names, e.g. dec4,mid.0 (default: all 16, or the recipe's)")
+    p.add_argument("--steps", type=int, default=15, help="denoising steps of the schedule (default: 15)")
+    p.add_argument("--scheduler", default="lms", help="lms, ddim, pndm, euler, euler_a, dpm or ddpm (default: lms)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="generated mode: classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels, a multiple of 8 (default: the model's size, 128 for tiny)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels, a multiple of 8 (default: the model's size, 128 for tiny)")
     p.add_argument("--method", choices=["ridge", "reference"], default=None,
-                   help="ridge or reference (the recipe of that name); default: the protocol's")
+                   help="ridge: streaming closed form, λ by validation; reference: the study's Adam recipe "
+                        "(default: the protocol's: ridge, or reference under --protocol study)")
     p.add_argument("--timestep-spacing", choices=["study", "config", "linspace", "leading", "trailing"], default=None,
-                   help="study (default): LMS on the study's linspace timesteps whatever the model folder says")
+                   help="LMS timesteps; study = the study's linspace whatever the model folder says (default: study)")
     p.add_argument("--mask-threshold", type=int, default=None,
-                   help="files: PNG masks: foreground where value > N (default 127, i.e. ≥ 128; study protocol: 0)")
+                   help="files: PNG masks: foreground where value > N (default: 127, i.e. ≥ 128; study protocol: 0)")
     p.add_argument("--prompt-encoding", default=None,
-                   help="text encoding of prompt files (default utf-8; study protocol: iso-8859-1, as the study read them)")
-    p.add_argument("--val-every", type=int, default=5, help="every Nth training image is held out to choose λ")
-    p.add_argument("--shard-size", type=int, default=8, help="images per checkpointed shard")
+                   help="text encoding of prompt files (default: utf-8; study protocol: iso-8859-1, as the study read them)")
+    p.add_argument("--val-every", type=int, default=5,
+                   help="every Nth training image is held out to choose λ (default: 5)")
+    p.add_argument("--shard-size", type=int, default=8, help="images per checkpointed shard (default: 8)")
     p.add_argument("--epochs", type=int, default=None, help="reference method: epochs (default: the recipe's, 30)")
-    p.add_argument("--lr", type=float, default=None, help="reference method: Adam learning rate (default: the recipe's)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lr", type=float, default=None,
+                   help="reference method: Adam learning rate (default: the recipe's, 1e-3)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (required; rerunning the same command resumes it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr (default: off)")
     return p
 
 
@@ -552,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training.fit: error: --{'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return EXIT_USAGE
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"bank": str(args.out / "bank.safetensors"), **summary["timings_s"], "best": summary["best"],
-                          "baselines": summary["baselines"]}))
+        print_line({"bank": str(args.out / "bank.safetensors"), **summary["timings_s"], "best": summary["best"],
+                    "baselines": summary["baselines"]})
     return 0
 
 

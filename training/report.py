@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ldmprobe.atomic import atomic_path, write_json
+from ldmprobe.jsonout import print_line
 
 from .fit import PRIMARY, TEST_SEED_OFFSET, per_image_metrics
 from .labels import PROPERTIES
@@ -572,23 +573,23 @@ def build_parser() -> argparse.ArgumentParser:
             self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
     p = _Parser(prog="python -m training.report", description="Tables and figures of a fitting run.")
-    p.add_argument("--run", type=Path, required=True, help="the output folder of training.fit")
-    p.add_argument("--out", type=Path, default=None, help="default: RUN/report")
+    p.add_argument("--run", type=Path, required=True, help="the output folder of training.fit (required)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/report)")
     p.add_argument("--properties", default=None, help="comma-separated subset (default: all in the run)")
-    p.add_argument("--show-layers", default="", help="named layers drawn beside the best-per-step curve")
-    p.add_argument("--model", default="tiny", help="the model the bank was fitted for (Figure 4, curve model)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--guidance", type=float, default=7.5, help="generated mode: classifier-free guidance")
+    p.add_argument("--show-layers", default="", help="comma-separated layers drawn beside the best-per-step curve (default: none)")
+    p.add_argument("--model", default="tiny", help="the model the bank was fitted for, for Figure 4 and the curve model (default: tiny)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto = CUDA when available)")
+    p.add_argument("--guidance", type=float, default=7.5, help="generated mode: classifier-free guidance (default: 7.5)")
     fig4 = p.add_mutually_exclusive_group()
     fig4.add_argument("--figure4-scene", type=int, default=None,
                       help=f"rendered scene seed for Figure 4 (default: the first test scene, {TEST_SEED_OFFSET})")
-    fig4.add_argument("--figure4-prompt", default=None, help="a prompt for Figure 4 (generated mode)")
-    fig4.add_argument("--no-figure4", action="store_true", help="skip Figure 4 (no model needed)")
+    fig4.add_argument("--figure4-prompt", default=None, help="a prompt for Figure 4, generated mode (default: none)")
+    fig4.add_argument("--no-figure4", action="store_true", help="skip Figure 4, no model needed (default: off)")
     p.add_argument("--figure4-seed", type=int, default=None, help="seed of --figure4-prompt (default 0)")
     p.add_argument("--figure4-steps", default=None, help="'all' or e.g. 0,2,4 (default: ≤ 8 steps shown)")
     p.add_argument("--curve-model", default=None, metavar="dpt:PATH",
-                   help="label model run on every step's decoded image, scored against the final labels")
-    p.add_argument("--curve-items", type=int, default=8, help="test items the curve model is scored on")
+                   help="label model run on every step's decoded image, scored against the final labels (default: none)")
+    p.add_argument("--curve-items", type=int, default=8, help="test items the curve model is scored on (default: 8)")
     p.add_argument("--curve-prompts", type=Path, default=None,
                    help="generated mode: test prompts for the curve model (default: the study's test split)")
     return p
@@ -680,8 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                    "layer": s["final"]["layer"],
                    **({"curve_model_emergence_step": s["curve_model"]["emergence_step"]} if "curve_model" in s else {})}
                for p, s in report["properties"].items()}
-    print(json.dumps(_json_ready({"report": str((args.out or args.run / "report") / "report.json"),
-                                  "recipe": report["recipe"], "protocol": report["protocol"], **summary})))
+    print_line({"report": str((args.out or args.run / "report") / "report.json"),
+                "recipe": report["recipe"], "protocol": report["protocol"], **summary})
     return 0
 
 
