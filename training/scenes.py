@@ -593,10 +593,10 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="python -m training.scenes", description="Render procedural scenes with exact labels.")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
-    p.add_argument("--count", required=True, type=int, help="number of scenes")
-    p.add_argument("--size", default=(128, 128), type=_parse_size, help="N or HxW pixels (default 128)")
-    p.add_argument("--seed", default=0, type=int, help="seed of the first scene; scene i uses seed + i")
+    p.add_argument("--out", required=True, type=Path, help="output folder (required; created if missing)")
+    p.add_argument("--count", required=True, type=int, help="number of scenes (required)")
+    p.add_argument("--size", default=(128, 128), type=_parse_size, help="N or HxW pixels (default: 128)")
+    p.add_argument("--seed", default=0, type=int, help="seed of the first scene; scene i uses seed + i (default: 0)")
     p.add_argument("--max-objects", default=3, type=int, help="at most this many objects per scene (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     args = p.parse_args(argv)
