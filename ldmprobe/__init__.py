@@ -22,7 +22,7 @@ _PUBLIC = {
     "Intervention": "ldmprobe.intervene",
     "GenerationSettings": "ldmprobe.schemas",
 }
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = ["GenerationSettings", "Intervention", "ProbeBank", "Sampler", "__version__", "load_model"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .generate import Sampler
