@@ -12,7 +12,7 @@ import torch
 
 from ..metrics import dice, pearson, rmse
 from ..probes import Probe
-from .optimise import LayerTarget, raw_output, to_units
+from .optimisation import LayerTarget, raw_output, to_units
 from .spec import MASK_THRESHOLD
 from .target import resize_mask
 

@@ -26,7 +26,7 @@ edited row vs the unedited one, the centroid shift achieved vs requested, and ho
 of the image changed.
 
 This module is the run (`Intervention`); the package: `spec.py` (what to edit), `target.py`
-(the warp), `optimise.py` (the Adam loop), `measures.py`, `figure.py`.
+(the warp), `optimisation.py` (the Adam loop), `measures.py`, `figure.py`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ..generate import Sampler
 from ..probes import ProbeBank
 from ..schemas import GenerationSettings
 from .measures import measure, representation_success
-from .optimise import LayerTarget, optimise, raw_output, resolve_loss, to_raw, to_units
+from .optimisation import LayerTarget, optimise, raw_output, resolve_loss, to_raw, to_units
 from .spec import DEFAULT_LAYERS, DEFAULT_STEPS, PROPERTIES, InterventionError, InterventionSpec
 from .target import affine_theta, is_identity, resize_mask, transform_maps
 

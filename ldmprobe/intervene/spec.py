@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # the spec is imported by the CLI to build its parser: it stays free of torch
+    import torch
 
 Property = Literal["foreground", "depth"]
 LossName = Literal["auto", "bce", "mse", "huber"]

@@ -76,6 +76,11 @@ def _upsample(y: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor
     return F.interpolate(y.contiguous(), size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
 
+def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """[rows, H, W] maps at layer resolution → [rows, *size], exactly as `apply(size=…)` upsamples."""
+    return _upsample(maps[:, None], (int(size[0]), int(size[1])), mode)[:, 0]
+
+
 def grey_map(values: torch.Tensor, kind: str) -> tuple[Any, str, float, float]:
     """A map [H, W] as grey levels for viewing → (uint8 numpy [H, W], mode, lo, hi), where
     value = lo + grey / 255 · (hi − lo). Masks ("mask": a probability) map [0, 1] to 0–255

@@ -1,19 +1,24 @@
-"""What every HTTP-facing service of the library shares: refusals, outcomes, body parsing.
+"""The service contract, written once: parse → validate → group → run → answer.
 
-The services (`service.ProbeService`, `classify_service.ClassifyService`, …) take raw request
-bodies and give back `Outcome(status, JSON body)`; they never raise. This module holds the parts
-that do not depend on the endpoint, so that each service gets the same answers for the same
-mistakes (a malformed body is `invalid_json` on field `request` everywhere, a pydantic error
-names the same dotted field path everywhere) and a new endpoint does not copy them:
+A service (`probe.ProbeService`, `classify.ClassifyService`, `intervene.InterveneService`) takes
+raw request bodies and gives back `Outcome(status, JSON body)`; it never raises and knows
+nothing of TorchServe (that is handlers/ts_adapter.py). `Service.handle` is the one loop:
 
-- `RequestError` / `Outcome` / `internal_error`: the 4xx/5xx contract (`ErrorBody`).
-- `parse_body`: bytes / text / already-decoded JSON → a validated pydantic model, or
-  RequestError naming the field.
-- `buckets_for` and `make_sampler`: padded batch sizes and the (optionally compiled) sampler,
-  so every service compiles a handful of graphs and keeps them.
-- `png_b64`: images into the base64 PNGs the JSON answers carry.
+1. parse: bytes / text / already-decoded JSON → the service's pydantic `Request` model
+   (`parse_body`; a malformed body is `invalid_json` on field `request` everywhere, a pydantic
+   error names the same dotted field path everywhere);
+2. validate: `check(request, index)` → a job, against the model, the bank and the limits
+   (`RequestError` naming the field → that request's 400; a validator bug → its 500);
+3. group: jobs with equal `group_key` share one run, at most the largest bucket each;
+   stochastic schedulers (one noise generator per call) always run alone;
+4. run: `run_group(group, batch)` → one result per job (a failure is a 500 for its group only);
+5. answer: `answer(job, result, batch)` → the JSON body.
 
-Nothing here knows TorchServe (that is handlers/ts_adapter.py).
+A service supplies its `Request` model, its `Config` (the pydantic model of its
+model-config.yaml `handler:` section: every setting declared once, documented, with its
+default), `check`, `group_key`, `run_group` and `answer`. Batch-size padding (`bucket`: the next
+of 1, 2, 4, … so a compiled U-Net keeps a handful of graphs) and the warm-up are here too, and so
+are the helpers every answer uses (`png_b64`, `map_png`).
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .schemas import ErrorBody
+from ..generate import Sampler
+from ..models import SDModel
+from ..probes import grey_map
+from .schemas import MAX_SERVE_STEPS, ErrorBody, PngScale
 
 M = TypeVar("M", bound=BaseModel)
 # Schedulers that draw step noise from one generator per generate call: a batched request would
@@ -149,19 +158,6 @@ def bucket(rows: int, buckets: tuple[int, ...], pad: bool) -> int:
     return next((b for b in buckets if b >= rows), rows) if pad else rows
 
 
-def make_sampler(model, compile: bool = False, cache_dir: str | Path | None = None):
-    """The model's Sampler. Compiled, dynamo may keep one graph per (bucket, image size,
-    guidance on/off): keep them all compiled rather than falling back to eager after its
-    default limit of 8."""
-    from .generate import Sampler
-
-    if compile:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return Sampler(model, compile=compile, cache_dir=cache_dir)
-
-
 def worker_info(started: float) -> dict[str, Any]:
     """The metadata.worker block: which process answered, how long it took to set up."""
     return {"pid": os.getpid(), "setup_s": round(time.perf_counter() - started, 3), "warm_s": None}
@@ -180,3 +176,160 @@ def png_b64(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return b64(buf.getvalue())
+
+
+def map_png(values: torch.Tensor, kind: str) -> tuple[str, PngScale]:
+    """A map [H, W] as a grey PNG (base64) and how its grey levels map back to values (masks:
+    probabilities; continuous maps: their own min–max)."""
+    grey, mode, lo, hi = grey_map(values, kind)
+    return png_b64(grey), PngScale(mode=mode, lo=lo, hi=hi)
+
+
+# --- settings ---------------------------------------------------------------------------------
+PATH = {"path": True}  # a setting naming a file or folder: a handler resolves it inside its archive
+
+
+class ServiceConfig(BaseModel):
+    """The settings every service has: its model-config.yaml `handler:` section, validated
+    (unknown keys refused: a misspelt setting must fail the worker's start, not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field("tiny", json_schema_extra=PATH,
+                       description='"tiny", a diffusers SD folder (absolute, or relative to the archive), or a hub id')
+    device: str = Field("auto", description="auto: the GPU TorchServe assigned to this worker, else the CPU")
+    dtype: str = Field("auto", description="auto: float16 on CUDA, float32 on CPU; or float16, bfloat16, float32")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention backend (xformers: CUDA only)")
+    compile: bool = Field(True, description="torch.compile the U-Net (policy: ldmprobe.compiling)")
+    cache_dir: str = Field("", description='inductor cache folder; "" = $TORCHINDUCTOR_CACHE_DIR')
+    warm_batch_sizes: list[int] = Field([1], description="padded batch sizes compiled at start-up (≤ batchSize)")
+    warm_settings: dict[str, Any] = Field({}, description="request fields of the warm-up request (e.g. height, width)")
+    max_side: int = Field(0, ge=0, description="largest height/width served; 0 = twice the model's default size")
+    max_steps: int = Field(50, ge=1, le=MAX_SERVE_STEPS, description="most denoising steps a request may ask for")
+
+
+@dataclass
+class Batch:
+    """What a run and an answer know of the batch they are part of."""
+
+    requests: int  # bodies in this call of `handle` (a TorchServe batch)
+    validate_s: float  # seconds spent parsing and validating all of them
+    on_step: Callable[[int, dict[str, Any]], None] | None = None  # streaming: (request index, chunk)
+
+
+# --- the contract -----------------------------------------------------------------------------
+class Service:
+    """parse → validate → group → run → answer for one model; see the module docstring."""
+
+    Config: ClassVar[type[ServiceConfig]] = ServiceConfig
+    Request: ClassVar[type[BaseModel]]
+    work: ClassVar[str] = "generation"  # what a failed group reports: "<work> failed: …"
+    batches: ClassVar[bool] = True  # False: every request runs alone (groups of one)
+
+    def __init__(self, model: SDModel, config: ServiceConfig | None = None, *, max_batch: int = 8,
+                 pad_batches: bool | None = None, **settings: Any):
+        """`config` and/or keyword settings (validated by `Config`); max_batch is TorchServe's
+        batchSize; pad_batches defaults to padding when compiled."""
+        started = time.perf_counter()
+        base = config.model_dump() if config is not None else {}
+        try:
+            self.config = self.Config.model_validate(base | settings)
+        except ValidationError as exc:
+            field, message = error_field(exc)
+            raise ValueError(f"{type(self).__name__} setting {field}: {message}") from None
+        self.model = model
+        self.sampler = Sampler(model, compile=self.config.compile, cache_dir=self.config.cache_dir or None)
+        self.compiled = self.config.compile
+        self.pad_batches = self.compiled if pad_batches is None else bool(pad_batches)
+        self.buckets = buckets_for(max_batch if self.batches else 1)
+        self.max_side = int(self.config.max_side or 2 * model.default_size)
+        self.max_steps = int(self.config.max_steps)
+        self.setup()
+        self.worker = worker_info(started)
+
+    def setup(self) -> None:
+        """Service-specific state built once (runners, bank metadata): after the sampler."""
+
+    # --- the parts a service supplies ---------------------------------------------------------
+    def check(self, request: Any, index: int = 0) -> Any:
+        """A schema-valid request against this service → a job (with .index and .request), or
+        RequestError naming the field."""
+        raise NotImplementedError
+
+    def group_key(self, job: Any) -> Hashable:
+        """Jobs with equal keys share one `run_group` (default: every job alone)."""
+        return ("job", job.index)
+
+    def run_group(self, group: list[Any], batch: Batch) -> list[Any]:
+        """One run for a group → one result per job, in order."""
+        raise NotImplementedError
+
+    def answer(self, job: Any, result: Any, batch: Batch) -> dict[str, Any]:
+        """A job's result → its JSON body."""
+        raise NotImplementedError
+
+    # --- the loop -----------------------------------------------------------------------------
+    def parse(self, raw: Any, decoded: bool = False, index: int = 0) -> Any:
+        """A raw body → a validated job, or RequestError naming the field."""
+        return self.check(parse_body(raw, self.Request, decoded), index)
+
+    def handle(self, bodies: Sequence[Any], decoded: Sequence[bool] | None = None,
+               on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[Outcome]:
+        """Answer a batch of raw bodies (decoded[i]: body i is an already-parsed JSON value).
+        on_step(i, chunk) receives the chunks of a request that streams. Never raises: bad input
+        is a 400 for that request only, an internal failure a 500 for the requests of its group."""
+        started = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(bodies)
+        jobs = []
+        for i, raw in enumerate(bodies):
+            try:
+                jobs.append(self.parse(raw, decoded=bool(decoded and decoded[i]), index=i))
+            except RequestError as exc:
+                outcomes[i] = Outcome(exc.status, exc.body())
+            except Exception as exc:  # a validator bug must not take the batch down
+                outcomes[i] = internal_error(f"{type(exc).__name__}: {exc}")
+        batch = Batch(len(bodies), time.perf_counter() - started, on_step)
+        for group in self.groups(jobs):
+            try:
+                results = self.run_group(group, batch)
+                answers = [self.answer(job, result, batch) for job, result in zip(group, results, strict=True)]
+            except Exception as exc:
+                for job in group:
+                    outcomes[job.index] = internal_error(f"{self.failed(group)} failed: {type(exc).__name__}: {exc}")
+                continue
+            for job, body in zip(group, answers, strict=True):
+                outcomes[job.index] = Outcome(200, body)
+        return [o if o is not None else internal_error("no answer") for o in outcomes]
+
+    def failed(self, group: list[Any]) -> str:
+        """What a failure of this group was (the 500's message starts with it)."""
+        return self.work
+
+    def groups(self, jobs: Sequence[Any]) -> list[list[Any]]:
+        """Jobs that share one run, at most the largest bucket each."""
+        by_key: dict[Hashable, list[Any]] = {}
+        for job in jobs:
+            key = self.group_key(job) if self.batches else ("job", job.index)
+            if getattr(job.request, "scheduler", None) in STOCHASTIC_SCHEDULERS:
+                key = (key, job.index)
+            by_key.setdefault(key, []).append(job)
+        limit = self.buckets[-1]
+        return [members[i:i + limit] for members in by_key.values() for i in range(0, len(members), limit)]
+
+    def bucket(self, rows: int) -> int:
+        """The batch size a run of `rows` rows runs at: the next bucket when padding."""
+        return bucket(rows, self.buckets, self.pad_batches)
+
+    # --- start-up -----------------------------------------------------------------------------
+    def warm_request(self) -> dict[str, Any]:
+        """The body of the warm-up request (before the `warm_settings`)."""
+        return {"prompt": "warm-up", "steps": 2}
+
+    def warm(self, batch_sizes: Sequence[int] | None = None, settings: Mapping[str, Any] | None = None) -> float:
+        """Compile (or load from the inductor cache) the graphs of these batch sizes (default:
+        the config's `warm_batch_sizes`, those a batch can reach) with one short request each,
+        so the first real request does not pay for it. A refusal is a start-up failure."""
+        sizes = batch_sizes if batch_sizes is not None else self.config.warm_batch_sizes
+        sizes = [s for s in sizes if s <= self.buckets[-1]] or [1]
+        body = self.warm_request() | dict(self.config.warm_settings if settings is None else settings)
+        return warm_up(self, sizes, body)

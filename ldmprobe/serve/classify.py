@@ -1,9 +1,5 @@
 """The classify service: validated requests → batched generations or real images → VGG-16 per step.
 
-The library side of POST /predictions/classify, shaped like `service.ProbeService`: raw bodies
-in, `Outcome(status, JSON body)` out, never raises (bad input is a 400 naming the field, an
-internal failure a 500 for the requests it touched), nothing of TorchServe.
-
 Why the batching looks the way it does:
 - Generation requests with equal shape settings (steps, guidance, height, width, scheduler) AND
   equal decoder / decode share one `StepClassifier.classify_generation` call: one denoising loop
@@ -26,60 +22,51 @@ tiny decoder is configured (no silent fallback to random weights or to the VAE).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .classify import (
+from pydantic import Field
+
+from ..classify import (
     DEFAULT_CLASSIFIER,
-    MAX_IMAGE_BYTES,
-    MAX_IMAGE_PIXELS,
     Classification,
-    ClassifyRequest,
     ClassifyResponse,
     ImageClassifier,
     LatentDecoder,
     StepClassifier,
-    decode_image,
     load_vgg16,
     make_decoder,
 )
-from .generate import to_pil
-from .models import SDModel, load_model
-from .schemas import MAX_SERVE_STEPS, ImagePayload
-from .serving import (
-    STOCHASTIC_SCHEDULERS,
-    Outcome,
-    RequestError,
-    bucket,
-    buckets_for,
-    check_generation,
-    internal_error,
-    make_sampler,
-    parse_body,
-    png_b64,
-    warm_up,
-    worker_info,
+from ..generate import to_pil
+from ..models import SDModel, load_model
+from .base import PATH, Batch, RequestError, Service, ServiceConfig, check_generation, png_b64
+from .schemas import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    ClassifyAnswer,
+    ClassifyPreview,
+    ClassifyRequest,
+    ImagePayload,
+    decode_image,
 )
 
 # Fields that only mean something for a generation: refused with an image rather than ignored.
 GENERATION_ONLY = ("seed", "steps", "guidance", "height", "width", "scheduler", "decoder", "decode", "previews")
 
 
-class ClassifyPreview(ImagePayload):
-    """The decoded image of one denoising step: what the classifier saw at that step."""
+class ClassifyConfig(ServiceConfig):
+    """The classify model's settings (handlers/classify-config.yaml, `handler:`). Weights never
+    appear silently: `classifier` names VGG-16 weights or says `random`; `tiny_decoder` is empty
+    (decoder "tiny" is a 400), a TAESD folder / hub id, or `random`."""
 
-    step: int
-
-
-class ClassifyAnswer(ClassifyResponse):
-    """The endpoint's answer: the library's ClassifyResponse plus the images. `image` is the
-    final generated image (null for a real image); `previews` the per-step decoded images when
-    the request asked for them."""
-
-    image: ImagePayload | None = None
-    previews: list[ClassifyPreview] | None = None
+    classifier: str = Field(DEFAULT_CLASSIFIER, json_schema_extra=PATH,
+                            description='VGG-16 weights: file, folder or hub id; "random" only when asked')
+    tiny_decoder: str = Field("", json_schema_extra=PATH,
+                              description='AutoencoderTiny (TAESD) folder or hub id, "random", or "" = none')
+    input_size: int = Field(0, ge=0, description="classifier input side; 0 = the weights' own (224); smaller: tests")
+    chunk_size: int = Field(8, ge=1, description="images per decoder + VGG-16 call")
+    max_image_bytes: int = Field(0, ge=0, description="largest real image in bytes; 0 = 20 MiB")
+    max_image_pixels: int = Field(0, ge=0, description="largest real image in pixels; 0 = 4096 × 4096")
 
 
 @dataclass
@@ -96,59 +83,63 @@ class _Job:
     def is_image(self) -> bool:
         return self.request.image is not None
 
-    def group_key(self) -> tuple:
-        r = self.request
-        if self.is_image:
-            return ("image",)
-        key = ("generation", r.steps, r.guidance, self.height, self.width, r.scheduler, r.decoder, r.decode)
-        return key + ((self.index,) if r.scheduler in STOCHASTIC_SCHEDULERS else ())
+
+@dataclass
+class _Classified:
+    """What a group's run leaves for each answer."""
+
+    result: Classification
+    runner: StepClassifier | None
+    rows: int
+    padded: int
+    row: int
+    timings: dict[str, float]
 
 
-class ClassifyService:
+class ClassifyService(Service):
     """Serves per-step VGG-16 classifications for one model, one classifier, one or two decoders."""
 
-    def __init__(self, model: SDModel, classifier: ImageClassifier, *, tiny_decoder: LatentDecoder | None = None,
-                 compile: bool = False, cache_dir: str | Path | None = None, max_batch: int = 8,
-                 pad_batches: bool | None = None, max_side: int | None = None, max_steps: int = MAX_SERVE_STEPS,
-                 max_image_bytes: int | None = None, max_image_pixels: int | None = None, chunk_size: int = 8):
-        started = time.perf_counter()
-        self.model, self.classifier = model, classifier
-        self.sampler = make_sampler(model, compile, cache_dir)
-        self.compiled = bool(compile)
-        self.pad_batches = self.compiled if pad_batches is None else bool(pad_batches)
-        self.buckets = buckets_for(max_batch)
-        self.max_side = int(max_side or 2 * model.default_size)
-        self.max_steps = int(max_steps)
-        self.max_image_bytes = int(max_image_bytes or MAX_IMAGE_BYTES)
-        self.max_image_pixels = int(max_image_pixels or MAX_IMAGE_PIXELS)
-        decoders = {"vae": make_decoder(model, "vae")}
-        if tiny_decoder is not None:
-            decoders["tiny"] = tiny_decoder
-        self.runners = {kind: StepClassifier(dec, classifier, batch_size=chunk_size) for kind, dec in decoders.items()}
-        self.worker = worker_info(started)
+    Config = ClassifyConfig
+    Request = ClassifyRequest
+
+    def __init__(self, model: SDModel, classifier: ImageClassifier, config: ClassifyConfig | None = None, *,
+                 tiny_decoder: LatentDecoder | None = None, **settings: Any):
+        self.classifier, self.tiny_decoder = classifier, tiny_decoder
+        super().__init__(model, config, **settings)
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.max_image_bytes = int(cfg.max_image_bytes or MAX_IMAGE_BYTES)
+        self.max_image_pixels = int(cfg.max_image_pixels or MAX_IMAGE_PIXELS)
+        decoders = {"vae": make_decoder(self.model, "vae")}
+        if self.tiny_decoder is not None:
+            decoders["tiny"] = self.tiny_decoder
+        self.runners = {kind: StepClassifier(dec, self.classifier, batch_size=cfg.chunk_size)
+                        for kind, dec in decoders.items()}
 
     @classmethod
-    def load(cls, model: str = "tiny", classifier: str | Path = DEFAULT_CLASSIFIER,
-             tiny_decoder: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-             attention: str = "sdpa", input_size: int | None = None, **kwargs) -> ClassifyService:
+    def from_config(cls, config: ClassifyConfig, **kwargs: Any) -> ClassifyService:
         """Load the model, VGG-16 (a weights file or folder, a hub id, or "random") and, when a
         source is given, the tiny decoder (an AutoencoderTiny folder, a hub id, or "random"), on
         the model's device and dtype. input_size overrides the classifier's input side: only to
         make random-weight tests cheap (the weights' own size otherwise)."""
-        sd = load_model(model, device=device, dtype=dtype, attention=attention)
-        vgg = load_vgg16(classifier, sd.device, sd.dtype)
-        if input_size:
-            vgg = ImageClassifier(vgg.module, vgg.source, vgg.random_weights, input_size=int(input_size))
-        tiny = None
-        if tiny_decoder:
-            tiny = make_decoder(sd, "tiny", tiny_decoder)
-        return cls(sd, vgg, tiny_decoder=tiny, **kwargs)
+        sd = load_model(config.model, device=config.device, dtype=config.dtype, attention=config.attention)
+        vgg = load_vgg16(config.classifier, sd.device, sd.dtype)
+        if config.input_size:
+            vgg = ImageClassifier(vgg.module, vgg.source, vgg.random_weights, input_size=config.input_size)
+        tiny = make_decoder(sd, "tiny", config.tiny_decoder) if config.tiny_decoder else None
+        return cls(sd, vgg, config, tiny_decoder=tiny, **kwargs)
+
+    @classmethod
+    def load(cls, model: str = "tiny", classifier: str = DEFAULT_CLASSIFIER, tiny_decoder: str | None = None,
+             **settings: Any) -> ClassifyService:
+        """`from_config` with the settings as keywords (max_batch, pad_batches too)."""
+        extra = {k: settings.pop(k) for k in ("max_batch", "pad_batches") if k in settings}
+        config = cls.Config(model=str(model), classifier=str(classifier), tiny_decoder=str(tiny_decoder or ""),
+                            **settings)
+        return cls.from_config(config, **extra)
 
     # --- validation ---------------------------------------------------------------------------
-    def parse(self, raw: Any, decoded: bool = False, index: int = 0) -> _Job:
-        """A raw body → a validated job, or RequestError naming the field."""
-        return self.check(parse_body(raw, ClassifyRequest, decoded), index)
-
     def check(self, req: ClassifyRequest, index: int = 0) -> _Job:
         """A schema-valid request against this service's model, decoders and limits."""
         if req.image is not None:
@@ -176,97 +167,76 @@ class ClassifyService:
                                f"tiny_decoder); use decoder 'vae'")
         return _Job(index, req, height, width)
 
+    def group_key(self, job: _Job) -> tuple:
+        r = job.request
+        if job.is_image:
+            return ("image",)
+        return ("generation", r.steps, r.guidance, job.height, job.width, r.scheduler, r.decoder, r.decode)
+
+    def failed(self, group: list[_Job]) -> str:
+        return "classification" if group[0].is_image else "generation"
+
     # --- running ------------------------------------------------------------------------------
-    def handle(self, bodies: Sequence[Any], decoded: Sequence[bool] | None = None) -> list[Outcome]:
-        """Answer a batch of raw bodies (decoded[i]: body i is an already-parsed JSON value).
-        Never raises: bad input is a 400 for that request only, an internal failure a 500 for
-        the requests of its group."""
-        started = time.perf_counter()
-        outcomes: list[Outcome | None] = [None] * len(bodies)
-        jobs: list[_Job] = []
-        for i, raw in enumerate(bodies):
-            try:
-                jobs.append(self.parse(raw, decoded=bool(decoded and decoded[i]), index=i))
-            except RequestError as exc:
-                outcomes[i] = Outcome(exc.status, exc.body())
-            except Exception as exc:  # a validator bug must not take the batch down
-                outcomes[i] = internal_error(f"{type(exc).__name__}: {exc}")
-        validate_s = time.perf_counter() - started
-        for group in self.groups(jobs):
-            try:
-                run = self.run_images if group[0].is_image else self.run_generation
-                for job, body in zip(group, run(group, len(bodies), validate_s), strict=True):
-                    outcomes[job.index] = Outcome(200, body)
-            except Exception as exc:
-                what = "classification" if group[0].is_image else "generation"
-                for job in group:
-                    outcomes[job.index] = internal_error(f"{what} failed: {type(exc).__name__}: {exc}")
-        return [o if o is not None else internal_error("no answer") for o in outcomes]
+    def run_group(self, group: list[_Job], batch: Batch) -> list[_Classified]:
+        return self.run_images(group) if group[0].is_image else self.run_generation(group)
 
-    def groups(self, jobs: Sequence[_Job]) -> list[list[_Job]]:
-        """Jobs that share one call, at most the largest bucket each."""
-        by_key: dict[tuple, list[_Job]] = {}
-        for job in jobs:
-            by_key.setdefault(job.group_key(), []).append(job)
-        limit = self.buckets[-1]
-        return [members[i:i + limit] for members in by_key.values() for i in range(0, len(members), limit)]
-
-    def run_generation(self, group: list[_Job], batch_size: int, validate_s: float) -> list[dict[str, Any]]:
+    def run_generation(self, group: list[_Job]) -> list[_Classified]:
         """One batched generation + per-step classification for jobs with equal group keys."""
         started = time.perf_counter()
         first = group[0].request
         runner = self.runners[first.decoder]
         rows = len(group)
-        padded = bucket(rows, self.buckets, self.pad_batches)
+        padded = self.bucket(rows)
         results = runner.classify_generation(
             self.sampler, [j.request.prompt for j in group], [j.request.seed for j in group], first.settings(),
             decode=first.decode, targets=[j.request.target_class for j in group],
             top_k=max(j.request.top_k for j in group), keep_previews=any(j.request.previews for j in group),
             pad_to=padded)
-        library_s = results[0].metadata.get("timings_s", {})
-        bodies = []
-        for row, (job, result) in enumerate(zip(group, results, strict=True)):
-            req = job.request
-            result.top_k = req.top_k
-            encode_started = time.perf_counter()
-            image = ImagePayload(png=png_b64(to_pil(result.image[None])[0]), height=job.height, width=job.width)
-            previews = None
-            if req.previews:
-                previews = [ClassifyPreview(step=s, png=png_b64(img), height=job.height, width=job.width)
-                            for s, img in enumerate(to_pil(result.previews))]
-            encode_s = time.perf_counter() - encode_started
-            meta = self.metadata(result, runner, batch_size, rows, padded, row)
-            meta["settings"] = {"prompt": req.prompt, "seed": req.seed, "steps": req.steps, "guidance": req.guidance,
-                                "height": job.height, "width": job.width, "scheduler": req.scheduler,
-                                "timesteps": result.timesteps}
-            meta["decode"] = req.decode
-            meta["timings_ms"] = {
-                "validate": round(validate_s * 1e3, 2),
-                "denoise": round(library_s.get("denoise", 0.0) * 1e3, 2),
-                "decode_final": round(library_s.get("decode", 0.0) * 1e3, 2),
-                "decode_classify": round(library_s.get("decode_classify", 0.0) * 1e3, 2),
-                "encode_images": round(encode_s * 1e3, 2),
-                "total": round((time.perf_counter() - started + validate_s) * 1e3, 2),
-            }
-            bodies.append(self.answer(result, meta, image=image, previews=previews))
-        return bodies
+        timings = dict(results[0].metadata.get("timings_s", {})) | {"started": started}
+        return [_Classified(result, runner, rows, padded, row, timings) for row, result in enumerate(results)]
 
-    def run_images(self, group: list[_Job], batch_size: int, validate_s: float) -> list[dict[str, Any]]:
+    def run_images(self, group: list[_Job]) -> list[_Classified]:
         """Real images of one batch: classified together."""
         started = time.perf_counter()
         runner = self.runners["vae"]  # the decoder plays no part: images go straight to the classifier
         results = runner.classify_image_batch([j.image for j in group], [j.request.target_class for j in group],
                                               top_k=max(j.request.top_k for j in group), keep_images=False)
-        classify_s = time.perf_counter() - started
-        bodies = []
-        for row, (job, result) in enumerate(zip(group, results, strict=True)):
-            result.top_k = job.request.top_k
-            meta = self.metadata(result, None, batch_size, len(group), len(group), row)
+        timings = {"classify": time.perf_counter() - started, "started": started}
+        return [_Classified(result, None, len(group), len(group), row, timings) for row, result in enumerate(results)]
+
+    # --- answering ----------------------------------------------------------------------------
+    def answer(self, job: _Job, done: _Classified, batch: Batch) -> dict[str, Any]:
+        req, result = job.request, done.result
+        result.top_k = req.top_k
+        meta = self.metadata(result, done.runner, batch.requests, done.rows, done.padded, done.row)
+        validate_ms = round(batch.validate_s * 1e3, 2)
+        if job.is_image:
             meta["settings"] = {"image_size": [job.height, job.width]}
-            meta["timings_ms"] = {"validate": round(validate_s * 1e3, 2), "classify": round(classify_s * 1e3, 2),
-                                  "total": round((time.perf_counter() - started + validate_s) * 1e3, 2)}
-            bodies.append(self.answer(result, meta))
-        return bodies
+            meta["timings_ms"] = {"validate": validate_ms, "classify": round(done.timings["classify"] * 1e3, 2),
+                                  "total": round((time.perf_counter() - done.timings["started"] + batch.validate_s)
+                                                 * 1e3, 2)}
+            return self.body(result, meta)
+        encode_started = time.perf_counter()
+        image = ImagePayload(png=png_b64(to_pil(result.image[None])[0]), height=job.height, width=job.width)
+        previews = None
+        if req.previews:
+            previews = [ClassifyPreview(step=s, png=png_b64(img), height=job.height, width=job.width)
+                        for s, img in enumerate(to_pil(result.previews))]
+        encode_s = time.perf_counter() - encode_started
+        meta["settings"] = {"prompt": req.prompt, "seed": req.seed, "steps": req.steps, "guidance": req.guidance,
+                            "height": job.height, "width": job.width, "scheduler": req.scheduler,
+                            "timesteps": result.timesteps}
+        meta["decode"] = req.decode
+        library_s = done.timings
+        meta["timings_ms"] = {
+            "validate": validate_ms,
+            "denoise": round(library_s.get("denoise", 0.0) * 1e3, 2),
+            "decode_final": round(library_s.get("decode", 0.0) * 1e3, 2),
+            "decode_classify": round(library_s.get("decode_classify", 0.0) * 1e3, 2),
+            "encode_images": round(encode_s * 1e3, 2),
+            "total": round((time.perf_counter() - library_s["started"] + batch.validate_s) * 1e3, 2),
+        }
+        return self.body(result, meta, image=image, previews=previews)
 
     def metadata(self, result: Classification, runner: StepClassifier | None, batch_size: int, rows: int,
                  padded: int, row: int) -> dict[str, Any]:
@@ -287,15 +257,8 @@ class ClassifyService:
         }
 
     @staticmethod
-    def answer(result: Classification, metadata: dict[str, Any], image: ImagePayload | None = None,
-               previews: list[ClassifyPreview] | None = None) -> dict[str, Any]:
+    def body(result: Classification, metadata: dict[str, Any], image: ImagePayload | None = None,
+             previews: list[ClassifyPreview] | None = None) -> dict[str, Any]:
         response = result.response()
         fields = {name: getattr(response, name) for name in ClassifyResponse.model_fields if name != "metadata"}
         return ClassifyAnswer(**fields, metadata=metadata, image=image, previews=previews).model_dump(mode="json")
-
-    # --- start-up -----------------------------------------------------------------------------
-    def warm(self, batch_sizes: Sequence[int] = (1,), settings: Mapping[str, Any] | None = None) -> float:
-        """Compile (or load from the inductor cache) the U-Net graphs of these batch sizes with
-        one short request each, and run the classifier once, so the first real request does not
-        pay for it."""
-        return warm_up(self, batch_sizes, {"prompt": "warm-up", "steps": 2, **(settings or {})})
