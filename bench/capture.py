@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=None, help="U-Net calls per variant per round")
     args = parser.parse_args()
 
-    from ldmprobe.capture import CapturingUNet, HookCapture, compile_capturing
+    from ldmprobe.capture import CapturingUNet, HookCapture
+    from ldmprobe.compiling import compile_unet
     from ldmprobe.models import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -73,7 +74,7 @@ def main() -> None:
 
     capturing = CapturingUNet(our_unet)
     names = capturing.select_layers("all")
-    compiled = compile_capturing(capturing, device)
+    compiled = compile_unet(capturing, device)
     hooks = HookCapture(ref_unet, names)
 
     variants = {

@@ -1,5 +1,5 @@
 """The probe endpoint behind a real TorchServe (started once for this module, stopped by PID),
-plus in-process checks of ldmprobe.service for what a server cannot easily provoke.
+plus in-process checks of ldmprobe.serve.probe for what a server cannot easily provoke.
 
 Small settings for speed: the tiny model at 128×128, 4 LMS steps, a random test bank with a
 known shape (tests/serve_fixtures.py). The worker compiles the U-Net with the clone's shared
@@ -248,9 +248,9 @@ def test_worker_survives_bad_input(server):
 @pytest.fixture(scope="module")
 def service(tiny, bank_file):
     from ldmprobe.probes import ProbeBank
-    from ldmprobe.service import ProbeService
+    from ldmprobe.serve.probe import ProbeService
 
-    return ProbeService(tiny, ProbeBank.load(bank_file, tiny), bank_path=bank_file, max_batch=4)
+    return ProbeService(tiny, ProbeBank.load(bank_file, tiny), compile=False, max_batch=4)
 
 
 def test_internal_failure_is_500_for_its_group_only(service, monkeypatch):
@@ -266,19 +266,17 @@ def test_internal_failure_is_500_for_its_group_only(service, monkeypatch):
 
 def test_steps_map_to_the_nearest_bank_timestep(tiny):
     from ldmprobe.probes import ProbeBank
-    from ldmprobe.service import ProbeService
+    from ldmprobe.serve.probe import ProbeService
 
     bank = ProbeBank.random(tiny, layers="dec4.0", steps=range(15), scheduler="lms", num_steps=15)
-    svc = ProbeService(tiny, bank)
+    svc = ProbeService(tiny, bank, compile=False)
     assert svc.map_steps("lms", 15) == list(range(15))
     assert svc.map_steps("lms", 4) == [0, 5, 9, 14]  # timesteps 999, 666, 333, 0
     assert svc.map_steps("lms", 2) == [0, 14]  # 999, 0
 
 
 def test_default_layers_come_from_the_bank_metrics(service):
-    from ldmprobe.service import best_layers
-
-    assert best_layers(service.bank) == {"foreground": (BEST["foreground"], "bank_best"),
+    assert service.bank.best_layers() == {"foreground": (BEST["foreground"], "bank_best"),
                                          "depth": (BEST["depth"], "bank_best"), "shading": ("dec4.0", "default")}
 
 

@@ -222,10 +222,10 @@ def test_concurrent_clients_all_answered_worker_kept(server):
 # --- in process -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(tiny, scene_bank):
-    from ldmprobe.intervene_service import InterveneService
     from ldmprobe.probes import ProbeBank
+    from ldmprobe.serve.intervene import InterveneService
 
-    return InterveneService(tiny, ProbeBank.load(scene_bank, tiny), bank_path=scene_bank, max_work=MAX_WORK)
+    return InterveneService(tiny, ProbeBank.load(scene_bank, tiny), compile=False, max_work=MAX_WORK)
 
 
 def test_internal_failure_is_500_and_the_next_request_works(service, monkeypatch):
@@ -241,7 +241,7 @@ def test_internal_failure_is_500_and_the_next_request_works(service, monkeypatch
 
 
 def test_service_needs_a_bank(tiny):
-    from ldmprobe.intervene_service import InterveneService
+    from ldmprobe.serve.intervene import InterveneService
 
     with pytest.raises(ValueError, match="probe bank"):
         InterveneService.load("tiny", None)
