@@ -264,6 +264,38 @@ def test_internal_failure_is_500_for_its_group_only(service, monkeypatch):
     assert out[1].status == 400 and out[1].body["field"] == "seed"
 
 
+def test_probe_heads_run_once_per_step(service, monkeypatch):
+    """Three requests of different layers, properties, steps and map sizes in one batch: the
+    probe heads of each step run in ONE grouped call over all rows × requested layers ×
+    properties (not one per request row and layer), and each answer has what it asked for."""
+    import ldmprobe.probes.heads as heads
+
+    calls = []
+    real = heads.grouped_linear
+
+    def counting(xs, *args, **kwargs):
+        calls.append([x.shape for x in xs])
+        return real(xs, *args, **kwargs)
+
+    monkeypatch.setattr(heads, "grouped_linear", counting)
+    bodies = [BASE | {"prompt": "a", "return_steps": [0, 1, 3], "format": "array"},
+              BASE | {"prompt": "b", "seed": 2, "return_steps": [1, 3], "layers": ["mid.0", "dec4.2"],
+                      "properties": ["depth"], "format": "array", "map_size": "image"},
+              BASE | {"prompt": "c", "seed": 3, "format": "array"}]
+    answers = [o.body for o in service.handle(bodies)]
+    assert [a["metadata"]["batch"]["generate_rows"] for a in answers] == [3, 3, 3]
+    assert len(calls) == 3  # steps 0, 1 and 3: one launch each
+    registry = service.model.registry(128, 128)
+    defaults = {BEST["foreground"], BEST["depth"], "dec4.0"}  # shading: no metrics → dec4.0
+    layers_at = [defaults, defaults | {"mid.0", "dec4.2"}, defaults | {"mid.0", "dec4.2"}]
+    for shapes, layers in zip(calls, layers_at, strict=True):  # a group per layer, every row of the batch in it
+        assert sorted(s[0] for s in shapes) == sorted(3 * registry[la].height * registry[la].width for la in layers)
+    assert [[s["step"] for s in a["steps"]] for a in answers] == [[0, 1, 3], [1, 3], [3]]
+    b = answers[1]["steps"][0]["maps"]
+    assert [(m["property"], m["layer"], m["shape"]) for m in b] == [("depth", "mid.0", [128, 128]),
+                                                                    ("depth", "dec4.2", [128, 128])]
+
+
 def test_steps_map_to_the_nearest_bank_timestep(tiny):
     from ldmprobe.probes import ProbeBank
     from ldmprobe.serve.probe import ProbeService
