@@ -30,7 +30,7 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if (action.option_strings and not action.required and "%(default)" not in text
-                and action.default not in (None, False, argparse.SUPPRESS)):
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):  # 0 is a default
             text += " (default: %(default)s)"
         return text
 
