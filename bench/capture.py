@@ -59,7 +59,8 @@ def main() -> None:
                         help="smoke run, 1 round of 1 call: checks it runs, its ratios mean nothing (default: off)")
     args = parser.parse_args()
 
-    from ldmprobe.capture import CapturingUNet, HookCapture, compile_capturing
+    from ldmprobe.capture import CapturingUNet, HookCapture
+    from ldmprobe.compiling import compile_unet
     from ldmprobe.models import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -79,7 +80,7 @@ def main() -> None:
 
     capturing = CapturingUNet(our_unet)
     names = capturing.select_layers("all")
-    compiled = compile_capturing(capturing, device)
+    compiled = compile_unet(capturing, device)
     hooks = HookCapture(ref_unet, names)
 
     variants = {

@@ -147,6 +147,48 @@ def java_version() -> str:
         return "unknown"
 
 
+def probe_heads_per_step(bank_path: Path, rows: int, side: int, repeats: int = 20) -> dict:
+    """The probe heads of one step of a full batch, in-process on the service's bank: one
+    `bank.apply` per (request row, layer), as the service ran them before, vs ONE grouped call
+    for all rows × layers × properties (what it runs now). Median ms over `repeats`."""
+    import torch
+
+    from ldmprobe.models import load_model
+    from ldmprobe.probes import ProbeBank
+
+    model = load_model("tiny")
+    bank = ProbeBank.load(bank_path, model)
+    registry = model.registry(side, side)
+    step = max(bank.steps)
+    pairs = [(prop, layer) for prop, (layer, _) in bank.best_layers().items()]
+    layers = list(dict.fromkeys(layer for _, layer in pairs))
+    gen = torch.Generator().manual_seed(0)
+    acts = {la: torch.randn(rows, registry[la].height * registry[la].width, registry[la].channels, generator=gen)
+            for la in layers}
+
+    def before():
+        for row in range(rows):
+            for la in layers:
+                props = [p for p, layer in pairs if layer == la]
+                bank.apply({la: acts[la][row:row + 1]}, step, properties=props, layers=[la], registry=registry)
+
+    def after():
+        bank.apply(acts, step, pairs=pairs, registry=registry)
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1e3, 3)
+
+    ms_before, ms_after = median_ms(before), median_ms(after)
+    return {"rows": rows, "layers": layers, "pairs": len(pairs), "calls_before": rows * len(layers), "calls_after": 1,
+            "before_ms": ms_before, "after_ms": ms_after, "speedup": round(ms_before / ms_after, 2) if ms_after else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -262,6 +304,7 @@ def main() -> None:
         return {str(k): round(statistics.median(v), 1) for k, v in sorted(groups.items())}
 
     throughput = summary(lambda n, c: round(len(results[n][c]) / sum(walls[n][c]), 3))
+    heads = probe_heads_per_step(bank, batch_on, args.side)
     denoise = {name: by_rows(name, "denoise") for name in CONFIGS}
     print_line({
         "bench": "serve", "quick": args.quick,
@@ -290,6 +333,9 @@ def main() -> None:
         "server_denoise_ms_per_request_by_rows": {
             name: {k: round(v / int(k), 1) for k, v in d.items() if int(k) > 0} for name, d in denoise.items()},
         "server_total_ms_by_rows": {name: by_rows(name, "total") for name in CONFIGS},
+        # in-process, one step of a full batch: the service's probe heads before (one call per
+        # request row and layer) and now (one grouped call per step)
+        "probe_heads_per_step": heads,
         "worker_start_s": {"cold_cache": round(start_s["batch_off_cold"], 1) if "batch_off_cold" in start_s else None,
                            "warm_cache": round(start_s["batch_off"], 1)},
         "cold_start_error": cold_error,

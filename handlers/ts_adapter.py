@@ -2,13 +2,14 @@
 
 scripts/build_archives.sh packs this file into every archive (--extra-files); TorchServe
 unpacks it next to the handler in the model folder, which is on the worker's sys.path, so a
-handler imports it as `ts_adapter`. A handler subclasses `ServiceHandler`, names its DEFAULTS
-(the keys its model-config.yaml `handler:` section may set) and builds its service in `load`;
-everything else (the config check, per-request HTTP status, the JSON answers, the guard that
-keeps a worker alive when the adapter itself fails) lives here once.
+handler imports it as `ts_adapter`. A handler subclasses `ServiceHandler` and names its service
+class (`ldmprobe.serve.*`); the service's `Config` (a pydantic model) declares the keys its
+model-config.yaml `handler:` section may set, with their defaults. Everything else (validating
+that section, paths inside the archive, the device, per-request HTTP status, the JSON answers,
+the guard that keeps a worker alive when the adapter itself fails) lives here once.
 
-The services (ldmprobe.service, ldmprobe.classify_service) take raw bodies and return
-Outcome(status, body) without raising; this module only translates between them and TorchServe.
+The services take raw bodies and return Outcome(status, body) without raising; this module only
+translates between them and TorchServe.
 """
 
 from __future__ import annotations
@@ -28,15 +29,26 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 
 
-def handler_config(context, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`defaults` updated by model-config.yaml's `handler:` section (unknown keys refused: a
-    misspelt setting must fail the worker's start, not be silently ignored)."""
+def handler_config(context, config_model):
+    """model-config.yaml's `handler:` section validated into the service's config model (unknown
+    keys refused: a misspelt setting must fail the worker's start, not be silently ignored)."""
+    from pydantic import ValidationError
+
     section = dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
-    unknown = sorted(set(section) - set(defaults))
+    unknown = sorted(set(section) - set(config_model.model_fields))
     if unknown:
         raise ValueError(f"model-config.yaml handler section: unknown key(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(defaults)}")
-    return defaults | section
+                         f"known: {', '.join(config_model.model_fields)}")
+    try:
+        return config_model.model_validate(section)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"model-config.yaml handler section: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def path_settings(config_model) -> list[str]:
+    """The settings that name a file or folder (marked `path` in the config model)."""
+    return [name for name, f in config_model.model_fields.items() if (f.json_schema_extra or {}).get("path")]
 
 
 def resolve(value: str, model_dir: str) -> str:
@@ -96,36 +108,35 @@ def failure_answers(context, count: int, exc: BaseException) -> list[str]:
 
 
 class ServiceHandler(BaseHandler):
-    """initialize: handler config → `load` (the service: model loaded, compiled, warmed).
+    """initialize: handler config → the service (model loaded, compiled, warmed).
     handle: one service call per TorchServe batch → per-request status and JSON.
 
-    Subclasses set `name` and DEFAULTS and implement `load(cfg)`; a handler that streams
+    Subclasses set `service` (an `ldmprobe.serve` service class); a handler that streams
     overrides `respond`."""
 
-    name = "model"
-    DEFAULTS: dict[str, Any] = {}
+    service: Any = None  # the service class; an instance replaces it once initialised
+    stream_type = JSON
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.removesuffix("Handler").lower()
 
     def initialize(self, context) -> None:
         started = time.perf_counter()
         self.context = context
         props = context.system_properties
-        self.model_dir = props.get("model_dir") or "."
+        model_dir = props.get("model_dir") or "."
         self.batch_size = int(props.get("batch_size") or 1)
-        self.config = handler_config(context, self.DEFAULTS)
-        self.device = pick_device(str(self.config.get("device", "auto")), props.get("gpu_id"))
-        self.service = self.load(self.config)
-        sizes = [s for s in self.config.get("warm_batch_sizes", [1]) if s <= self.batch_size] or [1]
-        warm_s = self.service.warm(sizes, self.config.get("warm_settings") or {})
+        service_class = type(self).service
+        config = handler_config(context, service_class.Config)
+        resolved = {name: resolve(str(getattr(config, name)), model_dir) for name in path_settings(service_class.Config)}
+        self.device = pick_device(config.device, props.get("gpu_id"))
+        self.config = config.model_copy(update=resolved | {"device": self.device})
+        self.service = service_class.from_config(self.config, max_batch=self.batch_size)
+        warm_s = self.service.warm()
         logger.info("%s handler ready: device %s, batch %d, warm-up %.1f s, start %.1f s; config %s", self.name,
-                    self.device, self.batch_size, warm_s, time.perf_counter() - started, json.dumps(self.config))
+                    self.device, self.batch_size, warm_s, time.perf_counter() - started, self.config.model_dump_json())
         self.initialized = True
-
-    def load(self, cfg: dict[str, Any]):
-        raise NotImplementedError
-
-    def path(self, value: Any) -> str:
-        """A config value naming a file or folder: inside the archive when it is there."""
-        return resolve(str(value or ""), self.model_dir)
 
     def respond(self, bodies, decoded, context) -> tuple[list, set[int]]:
         """(outcomes, indices of requests answered as a stream)."""
@@ -136,7 +147,7 @@ class ServiceHandler(BaseHandler):
         try:
             bodies, decoded = zip(*[request_body(row, context, i) for i, row in enumerate(data)], strict=True)
             outcomes, streamed = self.respond(list(bodies), list(decoded), context)
-            return json_answers(context, outcomes, streamed, getattr(self, "stream_type", JSON))
+            return json_answers(context, outcomes, streamed, self.stream_type)
         except Exception as exc:  # the services never raise; this guards the adapter itself
             logger.exception("%s handler failed", self.name)
             return failure_answers(context, len(data), exc)

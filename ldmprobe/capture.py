@@ -102,22 +102,11 @@ class CapturingUNet(torch.nn.Module):
         first_row = sample.shape[0] // 2 if (cfg and half == "cond") else 0
         ctx = {"capture": frozenset(capture), "patches": dict(patches or {}), "first_row": first_row, "out": {}}
         self._session.ctx = ctx
-        noise = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-        self._session.ctx = None
+        try:
+            noise = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        finally:  # a failed call (a bad patch, out of memory) must not leave its context to the next one
+            self._session.ctx = None
         return noise, ctx["out"]
-
-
-def compile_capturing(capturing: CapturingUNet, device: torch.device | str):
-    """torch.compile(fullgraph=True) of the capturing U-Net, as the service and benches run it.
-
-    On CPU the weights are frozen into the graph (inductor `freezing`: constant folding and
-    prepacked weights). Measured on the tiny U-Net here: 2.0× faster than eager in one run on a
-    loaded machine, 1.45× in bench/capture.py on a quiet one (1.38× before freezing). It assumes
-    inference (no_grad) with weights that do not change after the first call, which holds for
-    generation; on CUDA inductor's defaults are kept.
-    """
-    options = {"freezing": True} if torch.device(device).type == "cpu" else None
-    return torch.compile(capturing, fullgraph=True, dynamic=False, options=options)
 
 
 def validate_half(half: str) -> Half:

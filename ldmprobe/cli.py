@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Literal, get_args
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+
+from .intervene.spec import DEFAULT_ITERATIONS, DEFAULT_LR
+from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationSettings, SchedulerName
 
 EXIT_USAGE = 2
 
@@ -20,6 +24,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help line ends with its default (when it has one to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and not action.required and "%(default)" not in text
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):  # 0 is a default
+            text += " (default: %(default)s)"
+        return text
+
+
+class GenerateRequest(GenerationSettings):
+    """One generation with capture: what `ldmprobe generate` accepts."""
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    layers: list[str] | str | None = None
+    half: Literal["cond", "both"] = "cond"
+
+
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """(field, message) of a pydantic error, for one-line CLI errors."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "request"
+    return field, err.get("msg", str(exc))
+
+
+# --- options shared by several commands: declared once, defaults from the pydantic models ---------
+def _default(name: str):
+    return GenerationSettings.model_fields[name].default
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="`tiny`, a local diffusers SD folder, or a hub id")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 …")
@@ -27,91 +63,97 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend")
 
 
+def _add_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels, a multiple of 8 (default: the model's, 512 for SD v1.4, 128 for tiny)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--seed", type=int, default=GenerateRequest.model_fields["seed"].default,
+                   help="seed of the initial noise (the study's convention)")
+    p.add_argument("--steps", type=int, default=_default("steps"), help="denoising steps")
+    p.add_argument("--guidance", type=float, default=_default("guidance"), help="classifier-free guidance scale")
+    _add_size_args(p)
+    p.add_argument("--scheduler", default=_default("scheduler"), help=f"one of {', '.join(get_args(SchedulerName))}")
+
+
+def _add_run_args(p: argparse.ArgumentParser, compile_help: str | None = None) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+    if compile_help is not None:
+        p.add_argument("--compile", action="store_true", help=compile_help)
+        p.add_argument("--cache-dir", type=Path, default=None,
+                       help="inductor cache folder for --compile (default: $TORCHINDUCTOR_CACHE_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ldmprobe", description="Look inside Stable Diffusion while it generates.")
+    parser = _Parser(prog="ldmprobe", description="Look inside Stable Diffusion while it generates.",
+                     formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="generate an image and store its self-attention activations")
-    _add_model_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=15)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--height", type=int, default=None, help="pixels (model default: 512 for SD v1.4, 128 for tiny)")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--scheduler", default="lms")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        _add_model_args(p)
+        return p
+
+    g = command("generate", "generate an image and store its self-attention activations")
+    _add_generation_args(g)
+    g.add_argument("--layers", default="all", help="all, none, or comma-separated names / groups (e.g. dec4,mid.0)")
+    g.add_argument("--half", default="cond", help="CFG half to store: cond or both")
+    g.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the stored activations")
+    g.add_argument("--previews", action="store_true", help="also decode and save every step's latent")
     g.add_argument("--protocol", default="ldmprobe", choices=["ldmprobe", "study"],
                    help="recorded in the outputs; sets the defaults of the two options below (README: Study protocol)")
     g.add_argument("--timestep-spacing", default=None, choices=["study", "config", "linspace", "leading", "trailing"],
-                   help="study (default): LMS on the study's linspace timesteps whatever the model folder's scheduler "
-                        "config says; config: the folder's own; or force one")
+                   help="study: LMS on the study's linspace timesteps whatever the model folder's scheduler config "
+                        "says; config: the folder's own; or force one (default: study)")
     g.add_argument("--latent-dtype", default=None, choices=["float32", "model"],
-                   help="dtype of the latents through the scheduler (default float32, the study's; model: the U-Net's)")
-    g.add_argument("--layers", default="all", help="all, none, or comma-separated names / groups (e.g. dec4,mid.0)")
-    g.add_argument("--half", default="cond", help="CFG half to store: cond (default) or both")
-    g.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    g.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the capturing U-Net (fullgraph)")
-    g.add_argument("--cache-dir", type=Path, default=None, help="inductor cache folder for --compile")
-    g.add_argument("--previews", action="store_true", help="also decode and save every step's latent")
-    g.add_argument("--no-progress", action="store_true")
+                   help="dtype of the latents through the scheduler (default: float32, the study's; model: the U-Net's)")
+    _add_run_args(g, "torch.compile the capturing U-Net (fullgraph)")
 
-    c = sub.add_parser("classify", help="classify every denoising step's decoded image with VGG-16 (table + figure)")
-    _add_model_args(c)
-    c.add_argument("--prompt", required=True)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--steps", type=int, default=15)
-    c.add_argument("--guidance", type=float, default=7.5)
-    c.add_argument("--height", type=int, default=None, help="pixels (model default: 512 for SD v1.4, 128 for tiny)")
-    c.add_argument("--width", type=int, default=None)
-    c.add_argument("--scheduler", default="lms")
-    c.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+    c = command("classify", "classify every denoising step's decoded image with VGG-16 (table + figure)")
+    _add_generation_args(c)
     c.add_argument("--decoder", default="vae", help="vae (the model's VAE) or tiny (AutoencoderTiny / TAESD)")
     c.add_argument("--tiny-decoder", default=None,
-                   help="AutoencoderTiny folder or hub id (default madebyollin/taesd), or `random` (tests only)")
+                   help="AutoencoderTiny folder or hub id, or `random` (tests only) (default: madebyollin/taesd)")
     c.add_argument("--decode", default="latent", help="latent (the current latent, as the study) or x0 (predicted)")
     c.add_argument("--classifier", default=None,
-                   help="VGG-16 weights: safetensors / torchvision .pth file, folder or hub id "
-                        "(default timm/vgg16.tv_in1k), or `random` (tests only)")
-    c.add_argument("--top-k", type=int, default=5)
-    c.add_argument("--target", default=None, help="target class: index, WordNet id or name (e.g. lemon)")
+                   help="VGG-16 weights: safetensors / torchvision .pth file, folder or hub id, or `random` (tests "
+                        "only) (default: timm/vgg16.tv_in1k)")
+    c.add_argument("--top-k", type=int, default=5, help="classes reported per step")
+    c.add_argument("--target", default=None,
+                   help="target class: index, WordNet id or name, e.g. lemon (default: none, no target curve)")
     c.add_argument("--batch-size", type=int, default=8, help="images per decoder / classifier call")
     c.add_argument("--previews", action="store_true", help="also save every step's decoded image")
-    c.add_argument("--no-progress", action="store_true")
+    _add_run_args(c)
 
-    i = sub.add_parser("intervene", help="move the foreground object by editing activations through the probes "
-                                         "(PNG panel; --sweep: GIF)")
-    _add_model_args(i)
+    i = command("intervene", "move the foreground object by editing activations through the probes "
+                             "(PNG panel; --sweep: GIF)")
     i.add_argument("--bank", required=True, type=Path, help="probe bank file (safetensors) fitted for this model")
-    i.add_argument("--prompt", required=True)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--steps", type=int, default=15)
-    i.add_argument("--guidance", type=float, default=7.5)
-    i.add_argument("--height", type=int, default=None)
-    i.add_argument("--width", type=int, default=None)
-    i.add_argument("--scheduler", default="lms")
-    i.add_argument("--property", default="foreground", help="foreground (default) or depth")
+    _add_generation_args(i)
+    i.add_argument("--property", default="foreground", help="foreground or depth")
     i.add_argument("--dx", type=float, default=0.0, help="shift right by this many pixels (negative: left)")
     i.add_argument("--dy", type=float, default=0.0, help="shift down by this many pixels (negative: up)")
-    i.add_argument("--target-mask", type=Path, default=None, help="PNG target mask, the image's size (foreground)")
+    i.add_argument("--target-mask", type=Path, default=None,
+                   help="PNG target mask, the image's size, foreground only (default: none, the shifted mask)")
     i.add_argument("--layers", default=None, help="comma-separated layers / groups (default: dec2–dec4 for "
                                                  "foreground, all for depth)")
-    i.add_argument("--edit-steps", default=None, help="comma-separated step indices (default 0-4 / 0-2 for depth)")
-    i.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-3, the study's)")
-    i.add_argument("--iterations", type=int, default=None, help="Adam iterations per step (default 128)")
+    i.add_argument("--edit-steps", default=None, help="comma-separated step indices or ranges (default: 0-4, "
+                                                     "0-2 for depth)")
+    i.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate (the study's)")
+    i.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="Adam iterations per edited step")
     i.add_argument("--loss", default="auto", help="auto, bce, mse or huber")
-    i.add_argument("--eval-layer", default=None, help="layer whose probe scores the result (default: the bank's best)")
+    i.add_argument("--eval-layer", default=None,
+                   help="layer whose probe scores the result (default: the bank's best for the property)")
     i.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
-                   help="also run every dx in this range (pixels) and write sweep.gif + sweep.json")
-    i.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
-    i.add_argument("--compile", action="store_true", help="torch.compile the U-Net and the Adam step")
-    i.add_argument("--cache-dir", type=Path, default=None)
-    i.add_argument("--no-progress", action="store_true")
+                   help="also run every dx in this range (pixels) and write sweep.gif + sweep.json (default: none)")
+    _add_run_args(i, "torch.compile the U-Net and the Adam step")
 
-    l_ = sub.add_parser("layers", help="print the self-attention layer registry of a model")
-    _add_model_args(l_)
-    l_.add_argument("--height", type=int, default=None)
-    l_.add_argument("--width", type=int, default=None)
+    l_ = command("layers", "print the self-attention layer registry of a model")
+    _add_size_args(l_)
     return parser
 
 
@@ -119,7 +161,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .atomic import save_image, write_json
     from .generate import Sampler, to_pil
     from .models import load_model
-    from .schemas import GenerateRequest, first_error
     from .store import ActivationWriter
 
     layers = None if args.layers in ("none", "") else args.layers
@@ -142,10 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       timestep_spacing=args.timestep_spacing or protocol.timestep_spacing,
                       latent_dtype=args.latent_dtype or protocol.latent_dtype)
     names = sampler.select_layers(req.layers)
-    settings = req.model_dump(include={"steps", "guidance", "height", "width", "scheduler"})
-    from .schemas import GenerationSettings
-
-    gs = GenerationSettings(**settings)
+    gs = req.settings()
     run_reg = model.registry(gs.height, gs.width)
     out.mkdir(parents=True, exist_ok=True)
     writer = ActivationWriter(out / "activations", [run_reg[n] for n in names], {}, dtype=args.store_dtype) if names else None
@@ -188,7 +226,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
         DEFAULT_CLASSIFIER,
         DEFAULT_TINY_DECODER,
         RANDOM,
-        ClassifyRequest,
         StepClassifier,
         load_vgg16,
         make_decoder,
@@ -196,7 +233,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     )
     from .generate import Sampler, to_pil
     from .models import load_model
-    from .schemas import first_error
+    from .serve.schemas import ClassifyRequest
 
     try:
         req = ClassifyRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -272,11 +309,10 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     from .atomic import save_image, write_json
     from .generate import Sampler, to_pil
     from .intervene import Intervention, InterventionError, shift_range
-    from .intervene_figures import plot_panel, write_sweep_gif
-    from .intervene_schema import InterveneRequest
+    from .intervene.figure import plot_panel, write_sweep_gif
     from .models import load_model
     from .probes import ProbeBank
-    from .schemas import first_error
+    from .serve.schemas import InterveneRequest
 
     mask_b64 = None
     if args.target_mask is not None:
@@ -287,11 +323,8 @@ def cmd_intervene(args: argparse.Namespace) -> int:
               "height": args.height, "width": args.width, "scheduler": args.scheduler, "property": args.property,
               "dx": args.dx, "dy": args.dy, "target_mask": mask_b64, "loss": args.loss, "eval_layer": args.eval_layer,
               "edit_steps": _steps_list(args.edit_steps),
-              "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()]}
-    if args.lr is not None:
-        fields["lr"] = args.lr
-    if args.iterations is not None:
-        fields["iterations"] = args.iterations
+              "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()],
+              "lr": args.lr, "iterations": args.iterations}
     try:
         req = InterveneRequest(**fields)
     except ValidationError as exc:
@@ -353,11 +386,9 @@ def cmd_intervene(args: argparse.Namespace) -> int:
 def _map_image(m, prop: str):
     from PIL import Image
 
-    x = m.float()
-    if prop != "foreground":
-        lo, hi = float(x.min()), float(x.max())
-        x = (x - lo) / (hi - lo) if hi > lo else x * 0
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().numpy(), mode="L")
+    from .probes import grey_map
+
+    return Image.fromarray(grey_map(m, "mask" if prop == "foreground" else "continuous")[0], mode="L")
 
 
 def _summary(s: dict) -> str:

@@ -3,21 +3,28 @@
 `Sampler` owns the capturing (optionally compiled) U-Net of one model. `Sampler.start` returns a
 `Denoising` run that is advanced one step at a time (`predict` then `advance`), so callers that
 edit activations mid-generation (intervention) can predict, optimise, predict again with
-patches, then advance. `Sampler.generate` is the plain loop over it.
+patches, then advance. `Sampler.generate` is the plain loop over it, and `Sampler.trace` the
+same loop as a context manager in the words of baukit's TraceDict / nnsight:
+
+    with sampler.trace(prompts, seeds, layers="dec4") as run:
+        for step in run:
+            step.activations["dec4.0"]          # read a layer at this step
+            step.patch("dec4.0", edited)        # and replace it in this step's forward
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .capture import CapturingUNet, compile_capturing, validate_half
+from .capture import CapturingUNet, validate_half
+from .compiling import compile_unet, use_cache_dir
+from .decode import vae_decoder
 from .models import SDModel
 from .schemas import GenerationSettings
 
@@ -77,6 +84,15 @@ class StepOutput:
     latents: torch.Tensor
     x0: torch.Tensor
     activations: dict[str, torch.Tensor]
+
+    def first_rows(self, n: int, batch: int) -> StepOutput:
+        """The same step restricted to the first n of `batch` prompts (padding rows dropped);
+        activations of both CFG halves ([2·batch, …]: uncond then cond) keep both halves."""
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:n], x[batch:batch + n]]) if x.shape[0] == 2 * batch else x[:n]
+
+        return StepOutput(self.index, self.timestep, self.latents[:n], self.x0[:n],
+                          {k: rows(v) for k, v in self.activations.items()})
 
 
 @dataclass
@@ -183,11 +199,11 @@ class Sampler:
         self.model = model
         self.timestep_spacing, self.latent_dtype = timestep_spacing, latent_dtype
         self.capturing = CapturingUNet(model.unet)
+        self.decoder = vae_decoder(model)
         self.compiled = bool(compile)
         if compile:
-            if cache_dir is not None:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
-            self.unet_fn = compile_capturing(self.capturing, model.device)
+            use_cache_dir(cache_dir)
+            self.unet_fn = compile_unet(self.capturing, model.device)
         else:
             self.unet_fn = self.capturing
 
@@ -207,29 +223,47 @@ class Sampler:
                 raise ValueError(f"{name} must be a multiple of {step} for this model, got {side}")
         return Denoising(self, prompts, seeds, settings, self.select_layers(layers), validate_half(half))
 
+    def trace(self, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
+              layers: str | Iterable[str] | None = None, half: str = "cond") -> Trace:
+        """A generation to step through in a `with` block: iterate it for each step's
+        activations, `step.patch(layer, value)` to replace a layer's output in that step's
+        forward; afterwards `run.latents` / `run.images()`."""
+        return Trace(self.start(prompts, seeds, settings, layers, half))
+
     def generate(self, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
                  layers: str | Iterable[str] | None = None, half: str = "cond",
                  callback: Callable[[StepOutput], None] | None = None, keep_steps: bool = True,
-                 progress: bool = False) -> GenerationResult:
+                 progress: bool = False, pad_to: int | None = None) -> GenerationResult:
         """Generate a batch of images; every step's outputs go to `callback` and, when
         keep_steps, into the result (activations of all steps of a full-size model are large:
-        stream them to an ActivationStore through the callback instead)."""
+        stream them to an ActivationStore through the callback instead).
+
+        pad_to: run the loop at this batch size (the last prompt and seed repeated), so a
+        compiled U-Net reuses the graph of a few bucket sizes; the padding rows are dropped from
+        every step output, the images, latents and metadata."""
         from tqdm.auto import tqdm
 
-        run = self.start(prompts, seeds, settings, layers, half)
+        n = len(prompts)
+        batch = max(n, int(pad_to or n))
+        extra = batch - n
+        run = self.start(list(prompts) + list(prompts[-1:]) * extra, list(seeds) + list(seeds[-1:]) * extra,
+                         settings, layers, half)
         steps: list[StepOutput] = []
         started = time.perf_counter()
         for _ in tqdm(range(len(run.timesteps)), desc="denoising", disable=not progress, unit="step"):
             step = run.advance(*run.predict())
+            if extra:
+                step = step.first_rows(n, batch)
             if callback is not None:
                 callback(step)
             if keep_steps:
                 steps.append(step)
         denoise_s = time.perf_counter() - started
-        images = self.decode(run.latents)
+        images = self.decode(run.latents)[:n]
         meta = self.metadata(run)
+        meta["prompts"], meta["seeds"] = meta["prompts"][:n], meta["seeds"][:n]
         meta["timings_s"] = {"denoise": round(denoise_s, 4), "decode": round(time.perf_counter() - started - denoise_s, 4)}
-        return GenerationResult(images, run.latents, steps, meta)
+        return GenerationResult(images, run.latents[:n], steps, meta)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -263,13 +297,9 @@ class Sampler:
                 out[n].append(acts[n])
         return {n: torch.stack(v) for n, v in out.items()}
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents to float32 images in [0, 1] on CPU, [N, 3, H, W]."""
-        vae = self.model.vae
-        latents = latents.to(self.model.device, vae.dtype) / vae.config.scaling_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        return self.decoder.decode(latents).cpu()
 
     def metadata(self, run: Denoising | None = None) -> dict[str, Any]:
         meta = self.model.metadata() | {"compiled": self.compiled, "capture_point": "attn1.to_out (before residual)"}
@@ -283,6 +313,68 @@ class Sampler:
                      "init_noise_sigma": float(run.scheduler.init_noise_sigma),
                      "latent_dtype": str(run.latent_dtype).removeprefix("torch.")}
         return meta
+
+
+@dataclass
+class TracedStep:
+    """One step of a `Trace`: what the forward captured, and the patches to apply to it.
+
+    `activations` are the captured layers of this step's forward ([rows, H·W, C]); `patch`
+    replaces a layer's output (the conditional half, or every row) and runs the step's forward
+    again with it before the scheduler steps; `patched` then holds what that forward captured
+    and `output` is the advanced step (latents, x0)."""
+
+    index: int
+    timestep: float
+    activations: dict[str, torch.Tensor]
+    patches: dict[str, torch.Tensor] = field(default_factory=dict)
+    patched: dict[str, torch.Tensor] | None = None
+    output: StepOutput | None = None
+
+    def patch(self, layer: str, value: torch.Tensor) -> None:
+        if self.output is not None:
+            raise RuntimeError(f"step {self.index} has already been advanced: patch inside the loop body")
+        self.patches[layer] = value
+
+
+class Trace:
+    """`with sampler.trace(...) as run: for step in run: …` — a `Denoising` run stepped by a for
+    loop. Each iteration predicts, yields the step, then (re)predicts with the step's patches and
+    advances; leaving the block early leaves the run where it stopped."""
+
+    def __init__(self, run: Denoising):
+        self.run = run
+        self._layers = set(run.sampler.capturing.layer_names)
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.run.sampler.capturing._session.ctx = None  # nothing of this run outlives the block
+
+    def __iter__(self) -> Iterator[TracedStep]:
+        run = self.run
+        while not run.done:
+            noise, acts = run.predict()
+            step = TracedStep(run.index, float(run.timestep), acts)
+            yield step
+            if step.patches:
+                unknown = sorted(set(step.patches) - self._layers)
+                if unknown:
+                    raise KeyError(f"cannot patch unknown layer(s) {', '.join(unknown)}; layers: "
+                                   f"{', '.join(sorted(self._layers))}")
+                noise, step.patched = run.predict(step.patches)
+                acts = step.patched
+            step.output = run.advance(noise, acts)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.run.latents
+
+    def images(self) -> torch.Tensor:
+        """The current latents decoded: [N, 3, H, W] in [0, 1] on CPU (the final images once the
+        loop has run to the end)."""
+        return self.run.sampler.decode(self.run.latents)
 
 
 def to_pil(images: torch.Tensor):

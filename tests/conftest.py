@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from ci_guard import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks: CI=true fails skips)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Hubs are unreachable here: fail fast instead of waiting on the network.

@@ -102,3 +102,18 @@ def test_compiled_generation_matches_eager(tiny, sampler, tmp_path):
         for name in s_want.activations:
             torch.testing.assert_close(s_got.activations[name], s_want.activations[name], atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(got.images, want.images, atol=2e-3, rtol=1e-3)
+
+
+def test_a_failed_call_leaves_no_context_behind(cu, inputs):
+    """A forward that raises half-way (here a patch of the wrong shape) clears its per-call
+    context: a later call of the same U-Net (through any wrapper, or none) neither sees its
+    patches nor records its captures."""
+    with torch.no_grad():
+        before = cu.unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+        with pytest.raises(RuntimeError):
+            cu(*inputs, capture=("dec4.0",), patches={"dec3.1": torch.zeros(1, 5, 7)})
+        assert cu._session.ctx is None
+        after = cu.unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+        _, acts = cu(*inputs, capture=("mid.0",))
+    assert torch.equal(after, before)
+    assert list(acts) == ["mid.0"]

@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from ldmprobe.classify import (
     Classification,
     ClassifyError,
-    ClassifyRequest,
     ImageClassifier,
     StepClassifier,
     UnknownClassError,
@@ -34,6 +33,7 @@ from ldmprobe.classify import (
 )
 from ldmprobe.cli import main
 from ldmprobe.schemas import GenerationSettings
+from ldmprobe.serve.schemas import ClassifyRequest
 
 SETTINGS = GenerationSettings(steps=2)
 PROMPTS, SEEDS = ["a lemon", "an orange"], [0, 1]

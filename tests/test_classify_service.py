@@ -1,4 +1,4 @@
-"""ldmprobe.classify_service without a server: validation (the same table the TorchServe test
+"""ldmprobe.serve.classify without a server: validation (the same table the TorchServe test
 sends over HTTP), batching and grouping, padding, real images, limits, the tiny decoder, and
 failures that a server cannot easily provoke. Random-init VGG-16 fed 64×64 inputs and 64×64
 generations of the tiny model keep each answer well under a second on 2 CPU cores."""
@@ -24,8 +24,8 @@ from serve_fixtures import (
 )
 
 from ldmprobe.classify import ImageClassifier, StepClassifier, imagenet_class, load_vgg16, make_decoder
-from ldmprobe.classify_service import ClassifyService
-from ldmprobe.serving import RequestError, parse_body
+from ldmprobe.serve.base import RequestError, parse_body
+from ldmprobe.serve.classify import ClassifyService
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def service(tiny, classifier):
-    return ClassifyService(tiny, classifier, max_batch=4, **CLASSIFY_LIMITS)
+    return ClassifyService(tiny, classifier, compile=False, max_batch=4, **CLASSIFY_LIMITS)
 
 
 def ok(outcome) -> dict:
@@ -65,7 +65,7 @@ def test_bad_input_is_400_naming_the_field(service, body, error, field, text):
 
 
 def test_parse_body_accepts_each_form_of_the_same_body():
-    from ldmprobe.classify import ClassifyRequest
+    from ldmprobe.serve.schemas import ClassifyRequest
 
     text = json.dumps(CLASSIFY_BASE)
     forms = [(text, False), (text.encode(), False), (bytearray(text.encode()), False), (CLASSIFY_BASE, True)]
@@ -129,7 +129,7 @@ def test_batch_equals_one_by_one_and_groups_by_decoder_settings(service):
 
 
 def test_padding_to_buckets_changes_nothing(tiny, classifier, service):
-    padded = ClassifyService(tiny, classifier, max_batch=4, pad_batches=True, **CLASSIFY_LIMITS)
+    padded = ClassifyService(tiny, classifier, compile=False, max_batch=4, pad_batches=True, **CLASSIFY_LIMITS)
     requests = [CLASSIFY_BASE | {"prompt": p, "seed": i} for i, p in enumerate(("a", "b", "c"))]
     with_padding = [ok(o) for o in padded.handle(requests)]
     without = [ok(o) for o in service.handle(requests)]
@@ -178,7 +178,7 @@ def test_real_images_classified_together_match_the_library(service, classifier, 
 
 
 def test_image_limits(tiny, classifier):
-    small = ClassifyService(tiny, classifier, max_image_pixels=1000, max_image_bytes=2000)
+    small = ClassifyService(tiny, classifier, compile=False, max_image_pixels=1000, max_image_bytes=2000)
     noisy = png_b64_of((np.random.default_rng(1).random((28, 28, 3)) * 255).astype(np.uint8))  # 784 px
     wide = png_b64_of(np.zeros((20, 60, 3), np.uint8))  # 1200 pixels in a few hundred bytes
     fine = png_b64_of(np.zeros((20, 40, 3), np.uint8))
@@ -194,7 +194,7 @@ def test_image_limits(tiny, classifier):
 
 # --- the tiny decoder -----------------------------------------------------------------------------
 def test_tiny_decoder_when_configured(tiny, classifier):
-    tiny_svc = ClassifyService(tiny, classifier, tiny_decoder=make_decoder(tiny, "tiny", "random"))
+    tiny_svc = ClassifyService(tiny, classifier, compile=False, tiny_decoder=make_decoder(tiny, "tiny", "random"))
     body = ok(tiny_svc.handle([CLASSIFY_BASE | {"decoder": "tiny", "previews": True}])[0])
     meta = body["metadata"]
     assert meta["decoder"]["kind"] == "tiny" and meta["decoder"]["random_weights"] is True

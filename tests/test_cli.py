@@ -113,3 +113,32 @@ def test_generate_uses_the_studys_timesteps_on_a_leading_folder(tmp_path, leadin
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["timesteps"] == [float(t) for t in (np.arange(15) * 66 + 1)[::-1]]
     assert meta["timestep_spacing"] == "leading" and meta["protocol"] == "study"
+
+
+def test_every_flag_has_a_help_line_with_its_default(capsys):
+    """`ldmprobe <command> --help`: every option explained, and every option that takes a value
+    says what it is when not given; the shared ones take their defaults from GenerationSettings."""
+    import argparse
+
+    from ldmprobe.cli import build_parser
+    from ldmprobe.schemas import GenerationSettings
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"generate", "classify", "intervene", "layers"}
+    for name, sub in commands.items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.option_strings[0] in text, f"{name} {action.option_strings}: no help"
+            line = sub._get_formatter()._expand_help(action)
+            if action.nargs != 0 and not action.required:
+                assert "default" in line, f"{name} {action.option_strings}: {line!r} says no default"
+        for flag in ("steps", "guidance", "scheduler"):
+            if name != "layers":
+                action = next(a for a in sub._actions if f"--{flag}" in a.option_strings)
+                default = GenerationSettings.model_fields[flag].default
+                assert action.default == default and f"(default: {default})" in sub._get_formatter()._expand_help(action)

@@ -169,3 +169,61 @@ def test_latents_stay_float32_through_the_scheduler_under_a_half_precision_unet(
         assert result.metadata["latent_dtype"] == ("float32" if latent_dtype == "float32" else "bfloat16")
         errors[latent_dtype] = float((result.latents.float() - reference).norm() / reference.norm())
     assert errors["float32"] < 0.9 * errors["model"], errors
+
+
+def test_trace_reads_each_step_like_generate(sampler):
+    """`with sampler.trace(...) as run: for step in run: step.activations[...]` (the README's
+    library section) sees exactly what `generate` records, and ends where it ends."""
+    settings = GenerationSettings(steps=3)
+    ref = sampler.generate(["a red apple"], [1], settings, layers="dec4")
+    seen = []
+    with sampler.trace(["a red apple"], [1], settings, layers="dec4") as run:
+        for step in run:
+            seen.append((step.index, step.timestep, step.activations["dec4.0"]))
+    assert [(i, t) for i, t, _ in seen] == [(s.index, s.timestep) for s in ref.steps]
+    for (_, _, acts), expected in zip(seen, ref.steps, strict=True):
+        assert torch.equal(acts, expected.activations["dec4.0"])
+    assert torch.equal(run.latents, ref.latents) and torch.equal(run.images(), ref.images)
+
+
+def test_trace_patch_is_the_step_apis_patch(sampler):
+    """step.patch(layer, value) re-runs that step's forward with the layer replaced, exactly as
+    Denoising.predict(patches=…) does, and the rest of the loop follows from it."""
+    settings = GenerationSettings(steps=3)
+    manual = sampler.start(["a red apple"], [1], settings, layers="dec4.0")
+    for k in range(3):
+        noise, acts = manual.predict()
+        if k == 1:
+            noise, acts = manual.predict({"dec4.0": torch.zeros_like(acts["dec4.0"])})
+        manual.advance(noise, acts)
+    with sampler.trace(["a red apple"], [1], settings, layers="dec4.0") as run:
+        for step in run:
+            if step.index == 1:
+                step.patch("dec4.0", torch.zeros_like(step.activations["dec4.0"]))
+                patched = step
+    assert torch.equal(run.latents, manual.latents)
+    assert torch.count_nonzero(patched.patched["dec4.0"]) == 0  # what the patched forward captured
+    plain = sampler.generate(["a red apple"], [1], settings, layers=None)
+    assert not torch.equal(run.latents, plain.latents)  # the patch changed the generation
+    with pytest.raises(RuntimeError, match="already been advanced"):
+        patched.patch("dec4.0", torch.zeros(1))
+    with pytest.raises(KeyError, match="unknown layer"):
+        with sampler.trace(["a red apple"], [1], settings) as run:
+            for step in run:
+                step.patch("dec9.9", torch.zeros(1))
+
+
+def test_generate_pads_and_drops_the_padding(sampler):
+    """pad_to runs the loop at a bucket size; every output is the unpadded generation's."""
+    settings = GenerationSettings(steps=2)
+    alone = sampler.generate(["a red apple", "a tree"], [1, 2], settings, layers="dec4.0")
+    seen = []
+    padded = sampler.generate(["a red apple", "a tree"], [1, 2], settings, layers="dec4.0", pad_to=4,
+                              callback=seen.append)
+    assert padded.images.shape[0] == padded.latents.shape[0] == 2 and padded.metadata["prompts"] == ["a red apple",
+                                                                                                      "a tree"]
+    torch.testing.assert_close(padded.images, alone.images, rtol=1e-4, atol=1e-5)
+    for got, want in zip(seen, alone.steps, strict=True):
+        assert got.activations["dec4.0"].shape == want.activations["dec4.0"].shape
+        torch.testing.assert_close(got.activations["dec4.0"], want.activations["dec4.0"], rtol=1e-4, atol=1e-5)
+

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from serve_fixtures import ROOT, VENV_BIN, build_archive
 
-from ldmprobe.serving import Outcome
+from ldmprobe.serve.base import Outcome
 
 sys.path.insert(0, str(ROOT / "handlers"))  # where TorchServe's model folder puts them in a worker
 import ts_adapter  # noqa: E402
@@ -40,31 +40,52 @@ class Context:
         self.types[idx] = value
 
 
+def handler_class(name: str) -> type:
+    """The ServiceHandler subclass a handler file defines."""
+    module = __import__(f"{name}_handler")
+    (cls,) = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, ts_adapter.ServiceHandler)
+              and v is not ts_adapter.ServiceHandler]
+    return cls
+
+
 def test_every_handler_has_a_config_with_exactly_its_settings():
-    assert {"probe", "classify"} <= set(HANDLERS)
+    assert {"probe", "classify", "intervene"} <= set(HANDLERS)
     for name in HANDLERS:
-        module = __import__(f"{name}_handler")
+        config_model = handler_class(name).service.Config
         config = yaml.safe_load((ROOT / "handlers" / f"{name}-config.yaml").read_text())
-        assert list(config["handler"]) == list(module.DEFAULTS), name  # same keys, same order as documented
+        assert list(config["handler"]) == list(config_model.model_fields), name  # same keys, same order as documented
         assert config["batchSize"] >= 1 and config["maxBatchDelay"] > 0
-        assert ts_adapter.handler_config(Context(config["handler"]), module.DEFAULTS) == config["handler"]
+        assert ts_adapter.handler_config(Context(config["handler"]), config_model).model_dump() == config["handler"]
+        for field, info in config_model.model_fields.items():  # every setting documented once, in its model
+            assert info.description, f"{name}: {field} has no description"
+
+
+def test_handler_files_are_small():
+    """A handler is its service class (and, for probe, the streaming hook): the work is elsewhere."""
+    for name in HANDLERS:
+        lines = (ROOT / "handlers" / f"{name}_handler.py").read_text().splitlines()
+        assert len(lines) <= 40, (name, len(lines))
 
 
 def test_classify_defaults_never_pick_random_weights_silently():
-    import classify_handler
-
-    assert classify_handler.DEFAULTS["classifier"] == "timm/vgg16.tv_in1k"
-    assert classify_handler.DEFAULTS["tiny_decoder"] == ""
+    config = handler_class("classify").service.Config()
+    assert config.classifier == "timm/vgg16.tv_in1k"
+    assert config.tiny_decoder == ""
     text = (ROOT / "handlers" / "classify-config.yaml").read_text()
     assert "classifier: random" in text and "timm/vgg16.tv_in1k" in text  # the demo says so, with the real id
 
 
 def test_handler_config_refuses_unknown_keys():
-    defaults = {"model": "tiny", "max_steps": 50}
-    assert ts_adapter.handler_config(Context({"max_steps": 10}), defaults) == {"model": "tiny", "max_steps": 10}
-    assert ts_adapter.handler_config(Context(), defaults) == defaults
-    with pytest.raises(ValueError, match="unknown key.s. max_stpes; known: model, max_steps"):
-        ts_adapter.handler_config(Context({"max_stpes": 10}), defaults)
+    from ldmprobe.serve.base import ServiceConfig
+
+    assert ts_adapter.handler_config(Context({"max_steps": 10}), ServiceConfig).max_steps == 10
+    assert ts_adapter.handler_config(Context(), ServiceConfig) == ServiceConfig()
+    with pytest.raises(ValueError, match="unknown key.s. max_stpes; known: model, device"):
+        ts_adapter.handler_config(Context({"max_stpes": 10}), ServiceConfig)
+    with pytest.raises(ValueError, match="handler section: max_steps: Input should be a valid integer"):
+        ts_adapter.handler_config(Context({"max_steps": "ten"}), ServiceConfig)
+    with pytest.raises(ValueError, match="handler section: compile: Input should be a valid boolean"):
+        ts_adapter.handler_config(Context({"compile": "yes"}), ServiceConfig)
 
 
 def test_paths_resolve_inside_the_archive(tmp_path):

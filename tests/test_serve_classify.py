@@ -36,6 +36,8 @@ from serve_fixtures import (
     running_server,
 )
 
+from ldmprobe.schemas import GenerationSettings
+
 MODEL = "classify"
 OVERRIDES = {"maxBatchDelay": 50, "handler": {
     "compile": False,  # see the module docstring
@@ -127,6 +129,36 @@ def test_generation_end_to_end(server, tiny):
     check_steps(aimed, 3, 5)
     assert aimed["first_top1_step"] is not None and aimed["top1_from_step"] is not None
     assert [s["top"] for s in aimed["steps"]] == [s["top"] for s in body["steps"]]  # same prompt, same seed
+
+
+def test_served_generation_equals_the_librarys(server, library_runner, sampler):
+    """The endpoint against the library for the same prompt and seed: every step's top-k and
+    probabilities, the target curve and its statistics, the final image and the previews are
+    what `StepClassifier.classify_generation` gives (to float rounding). The same generation
+    classified from its predicted x0 instead differs far beyond that, so a wrong decode or a
+    wrong step could not pass."""
+    from ldmprobe.generate import to_pil
+
+    request = CLASSIFY_BASE | {"target_class": "lemon", "top_k": 5, "previews": True}
+    body = ok(post(server, request))
+    settings = GenerationSettings(steps=request["steps"], height=64, width=64)
+    (lib,) = library_runner.classify_generation(sampler, [request["prompt"]], [request["seed"]], settings,
+                                                targets="lemon", top_k=5, keep_previews=True)
+    (x0,) = library_runner.classify_generation(sampler, [request["prompt"]], [request["seed"]], settings,
+                                               decode="x0", targets="lemon", top_k=5)
+    want = lib.response().model_dump(mode="json")
+    for got_step, want_step in zip(body["steps"], want["steps"], strict=True):
+        assert [c["index"] for c in got_step["top"]] == [c["index"] for c in want_step["top"]]
+        np.testing.assert_allclose([c["probability"] for c in got_step["top"]],
+                                   [c["probability"] for c in want_step["top"]], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(body["target_curve"], want["target_curve"], rtol=1e-4, atol=1e-7)
+    assert np.abs(np.array(x0.target_curve) - np.array(want["target_curve"])).max() > 10 * (
+        1e-7 + 1e-4 * max(want["target_curve"]))
+    for key in ("first_top1_step", "first_confident_step", "top1_from_step", "confident_from_step", "target"):
+        assert body[key] == want[key], key
+    assert np.abs(png_array(body["image"]["png"]).astype(int) - np.asarray(to_pil(lib.image[None])[0])).max() <= 1
+    for served, image in zip(body["previews"], to_pil(lib.previews), strict=True):
+        assert np.abs(png_array(served["png"]).astype(int) - np.asarray(image)).max() <= 1
 
 
 def test_decode_x0_and_defaults(server):
@@ -278,6 +310,9 @@ def test_fuzzed_requests_never_cost_a_worker(server):
     """~150 generated requests: every answer a 200 or a 400 with a JSON body (naming the field
     when the case knows it), and the same worker process afterwards."""
     from hypothesis import HealthCheck, given, settings
+    from pydantic import ValidationError
+
+    from ldmprobe.serve.schemas import ClassifyRequest
 
     session = requests.Session()
     sent: list[int] = []
@@ -297,10 +332,19 @@ def test_fuzzed_requests_never_cost_a_worker(server):
         else:
             assert field is None, (data[:200], "expected a 400")
             assert len(got["steps"]) == 1 and got["metadata"]["mode"] == "generation"
+        if field is None and isinstance(case[0], dict):  # a valid-or-not case: the library's schema decides
+            try:
+                ClassifyRequest.model_validate(case[0])
+                expected = 200
+            except ValidationError:
+                expected = 400
+            assert r.status_code == expected, (data[:200], r.text[:300])
 
     started = time.monotonic()
     check()
-    assert len(sent) >= FUZZ_EXAMPLES - 10 and 200 in sent and 400 in sent
+    # every verdict was the schema's (asserted per case above), and both verdicts were exercised
+    assert len(sent) >= FUZZ_EXAMPLES - 10 and min(sent.count(200), sent.count(400)) >= len(sent) // 10, \
+        (sent.count(200), sent.count(400))
     assert_worker_kept(server, MODEL)
     print(f"fuzz: {len(sent)} requests in {time.monotonic() - started:.1f} s: {sent.count(200)} × 200, "
           f"{sent.count(400)} × 400, worker {server.first_worker['pid']} kept")

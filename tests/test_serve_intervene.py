@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import requests
+import torch
 from conftest import SCENE_BANK_STEPS
 from serve_fixtures import (
     FUZZ_SETTINGS,
@@ -76,6 +77,43 @@ def test_intervention_end_to_end(server):
     target = png_array(body["masks"]["target"]["png"]).astype(float)
     original = png_array(body["masks"]["original"]["png"]).astype(float)
     assert np.abs(target[:, 32:] - original[:, :-32]).max() <= 2
+
+
+def test_served_intervention_equals_the_librarys(server, sampler, scene_bank, tiny):
+    """The endpoint against the library for the same request: both images, the three masks,
+    the success numbers and the losses are what `Intervention.run` gives (to float rounding).
+    Half the shift moves the target mask by far more than that, so a lost or altered field
+    could not pass."""
+    from ldmprobe.generate import to_pil
+    from ldmprobe.intervene import Intervention, InterventionSpec
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.schemas import GenerationSettings
+
+    body = ok(post(server, BASE))
+    runner = Intervention(sampler, ProbeBank.load(scene_bank, tiny))
+    settings = GenerationSettings(steps=BASE["steps"])
+    lib = runner.run(BASE["prompt"], BASE["seed"], InterventionSpec(dx=32, edit_steps=[0, 1, 2], iterations=32), settings)
+    half = runner.run(BASE["prompt"], BASE["seed"], InterventionSpec(dx=16, edit_steps=[0, 1, 2], iterations=32),
+                      settings)
+    for name, image in zip(("original", "edited"), to_pil(torch.stack([lib.original, lib.edited])), strict=True):
+        assert np.abs(png_array(body["images"][name]["png"]).astype(int) - np.asarray(image)).max() <= 1, name
+    for name, values in (("original", lib.original_map), ("target", lib.target_map), ("achieved", lib.edited_map)):
+        grey = np.round(values.clamp(0, 1).numpy() * 255)
+        assert np.abs(png_array(body["masks"][name]["png"]) - grey).max() <= 1, name
+    moved = np.round(half.target_map.clamp(0, 1).numpy() * 255)
+    assert np.abs(png_array(body["masks"]["target"]["png"]) - moved).max() > 100
+    assert body["layers"] == lib.layers and body["edit_steps"] == lib.edit_steps
+    assert body["losses"] == pytest.approx({str(k): v for k, v in lib.losses.items()}, rel=1e-3, abs=1e-6)
+    assert _numbers(body["success"]) == pytest.approx(_numbers(lib.success), rel=1e-3, abs=2e-3)
+
+
+def _numbers(tree, prefix=""):
+    """The numbers of a nested answer, flattened to {path: value} (strings and Nones kept as is)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
 
 
 def test_zero_shift_returns_the_unedited_image(server):
@@ -222,10 +260,10 @@ def test_concurrent_clients_all_answered_worker_kept(server):
 # --- in process -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(tiny, scene_bank):
-    from ldmprobe.intervene_service import InterveneService
     from ldmprobe.probes import ProbeBank
+    from ldmprobe.serve.intervene import InterveneService
 
-    return InterveneService(tiny, ProbeBank.load(scene_bank, tiny), bank_path=scene_bank, max_work=MAX_WORK)
+    return InterveneService(tiny, ProbeBank.load(scene_bank, tiny), compile=False, max_work=MAX_WORK)
 
 
 def test_internal_failure_is_500_and_the_next_request_works(service, monkeypatch):
@@ -241,7 +279,7 @@ def test_internal_failure_is_500_and_the_next_request_works(service, monkeypatch
 
 
 def test_service_needs_a_bank(tiny):
-    from ldmprobe.intervene_service import InterveneService
+    from ldmprobe.serve.intervene import InterveneService
 
     with pytest.raises(ValueError, match="probe bank"):
         InterveneService.load("tiny", None)

@@ -1,4 +1,6 @@
 import json
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,14 +54,48 @@ def test_partial_reads_touch_only_what_is_asked(store):
         store.get("dec4.1", 0)
 
 
-def test_reads_are_memory_mapped(store):
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (/proc/self/io rchar); pages of
+    a memory-mapped file are not read() and do not count."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def test_reads_are_memory_mapped(store, monkeypatch):
+    """A read of one (layer, step) maps its shard and copies one tensor out of the mapping: the
+    shard is in /proc/self/maps while it is read, and the read() calls of the whole `get` come
+    to a fraction of the shard (a whole-file read would be all of it)."""
     from safetensors import safe_open
 
-    # safetensors reads one tensor by its byte offsets from the header; check the file layout
-    # puts each layer in its own byte range, so one read is one range of the mapped file.
-    with safe_open(str(store.path / "step_000.safetensors"), framework="pt") as f:
+    import ldmprobe.store as store_module
+
+    shard = store.path / "step_000.safetensors"
+    # each layer is its own tensor of the shard, so one read is one byte range of the mapped file
+    with safe_open(str(shard), framework="pt") as f:
         assert sorted(f.keys()) == sorted(store.layers)
         assert f.metadata()["step"] == "0"
+    mapped = []
+    real_open = store_module.safe_open
+
+    @contextmanager
+    def watching(path, *args, **kwargs):
+        with real_open(path, *args, **kwargs) as f:
+            yield f
+            with open("/proc/self/maps") as maps:
+                mapped.append(str(Path(path).resolve()) in maps.read())
+
+    monkeypatch.setattr(store_module, "safe_open", watching)
+    store.get("dec4.0", 0)
+    assert mapped == [True]
+    monkeypatch.undo()
+    size = shard.stat().st_size
+    first = _bytes_read()
+    per_call = _bytes_read() - first  # what reading /proc/self/io itself costs
+    before = _bytes_read()
+    got = store.get("dec4.0", 0)
+    read = _bytes_read() - before - per_call
+    assert got.numel() * got.element_size() > 0.1 * size  # the layer is a sizeable part of the shard ...
+    assert read < 0.05 * size, (read, size)  # ... yet next to nothing of the shard went through read()
 
 
 def test_errors_name_what_is_wrong(store, tmp_path, tiny, generated):

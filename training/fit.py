@@ -39,7 +39,7 @@ from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, fit_at, to_token
 
 EXIT_USAGE = 2
 TEST_SEED_OFFSET = 1_000_000  # test scenes never share a seed with training scenes
-PRIMARY = {"mask": "dice", "continuous": "spearman"}
+PRIMARY = ProbeBank.PRIMARY_METRIC  # kind → the metric that ranks probes: the bank's policy
 # rmse_study: RMSE in the study's normalised units, (x - 15.740597) / 9.281932 (its fixed MiDaS
 # depth scaling, which the capstone also applied to shading), beside the raw units.
 METRICS = {"mask": ("dice", "pearson"), "continuous": ("spearman", "pearson", "rmse", "rmse_study")}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .intervene import InterventionResult
+from ..atomic import atomic_path
+from .run import InterventionResult
 
 
 def _rgb(image: torch.Tensor):

@@ -1,0 +1,75 @@
+"""What an intervention edits and how: the spec, its defaults (the study's), its error."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # the spec is imported by the CLI to build its parser: it stays free of torch
+    import torch
+
+Property = Literal["foreground", "depth"]
+LossName = Literal["auto", "bce", "mse", "huber"]
+PROPERTIES = ("foreground", "depth")
+DEFAULT_LAYERS = {
+    "foreground": ("dec2.0", "dec2.1", "dec2.2", "dec3.0", "dec3.1", "dec3.2", "dec4.0", "dec4.1", "dec4.2"),
+    "depth": "all",
+}
+DEFAULT_STEPS = {"foreground": (0, 1, 2, 3, 4), "depth": (0, 1, 2)}
+DEFAULT_LR = 5e-3
+DEFAULT_ITERATIONS = 128
+MASK_THRESHOLD = 0.5
+
+
+class InterventionError(ValueError):
+    """A request the intervention cannot run: names what is wrong (and `field`, the request field)."""
+
+    def __init__(self, message: str, field: str = "request"):
+        super().__init__(message)
+        self.field = field
+
+
+def translation(dx: float, dy: float) -> list[list[float]]:
+    """The pixel affine of a shift by (dx, dy): right and down are positive."""
+    return [[1.0, 0.0, float(dx)], [0.0, 1.0, float(dy)]]
+
+
+@dataclass
+class InterventionSpec:
+    """What to edit and how. `affine` (2×3, image pixels, source → destination) overrides
+    dx/dy; `target_mask` ([H, W] in [0, 1] at image size; foreground only) overrides both."""
+
+    property: Property = "foreground"
+    dx: float = 0.0
+    dy: float = 0.0
+    affine: list[list[float]] | None = None
+    target_mask: torch.Tensor | None = None
+    layers: str | Sequence[str] | None = None  # None: the property's default (decoder layers / all)
+    edit_steps: Sequence[int] | None = None  # None: the property's default (0–4 / 0–2)
+    lr: float = DEFAULT_LR
+    iterations: int = DEFAULT_ITERATIONS
+    loss: LossName = "auto"
+    eval_layer: str | None = None  # None: the bank's best layer for the property at its last step
+
+    def pixel_affine(self) -> list[list[float]]:
+        return [list(map(float, row)) for row in self.affine] if self.affine is not None else translation(self.dx, self.dy)
+
+    def work(self, n_layers: int, n_steps: int) -> int:
+        """Adam iterations × layers × steps: the bound the service validates up front."""
+        return int(self.iterations) * n_layers * n_steps
+
+
+def shift_range(spec: str) -> list[float]:
+    """"-32:32:8" → [-32, -24, …, 32] (start:stop:step, stop included), for sweeps."""
+    try:
+        parts = [float(v) for v in spec.split(":")]
+    except ValueError:
+        raise InterventionError(f"a sweep is start:stop:step in pixels, got {spec!r}", "sweep") from None
+    if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+        raise InterventionError(f"a sweep is start:stop:step with step > 0 and stop >= start, got {spec!r}", "sweep")
+    n = int(math.floor((parts[1] - parts[0]) / parts[2] + 1e-9)) + 1
+    if n > 64:
+        raise InterventionError(f"a sweep of {n} shifts is too long (at most 64)", "sweep")
+    return [parts[0] + i * parts[2] for i in range(n)]
