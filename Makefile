@@ -1,5 +1,5 @@
 # ldmprobe — two commands on a fresh machine:
-#   make serve   set everything up, run the main job on the built-in `tiny` model
+#   make serve   set everything up, run the main job on the built-in `scenes` model
 #   make test    set everything up, run the test suite (what .ci/run calls)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1su
 # One inductor cache inside the clone, shared by tests, benches and the demo.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
-MODEL ?= tiny
+MODEL ?= scenes
 PROMPT ?= a red apple on a wooden table
 SEED ?= 5107435
 STEPS ?= 15
@@ -39,7 +39,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 # TorchServe on 127.0.0.1 with the probe and classify models (scripts/serve.sh): fits a small
-# bank for `tiny` when none exists, builds model_store/probe.mar and classify.mar, starts in the
+# bank for `tiny` when none exists (`scenes` ships its bank), builds model_store/probe.mar and classify.mar, starts in the
 # background, waits until every worker is ready, prints a curl per model with the token. Real
 # weights: make serve MODEL=/path BANK=/path CLASSIFIER=/path/vgg16.safetensors TINY_DECODER=/path/taesd
 serve: install

@@ -54,7 +54,7 @@ def path_settings(config_model) -> list[str]:
 def resolve(value: str, model_dir: str) -> str:
     """Relative paths name files inside the archive; `tiny`, `random`, hub ids and absolute
     paths pass through."""
-    if not value or value == "tiny" or os.path.isabs(value):
+    if not value or value in ("tiny", "scenes") or os.path.isabs(value):
         return value
     inside = Path(model_dir) / value
     return str(inside) if inside.exists() else value

@@ -57,7 +57,8 @@ def _default(name: str):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="`tiny`, a local diffusers SD folder, or a hub id")
+    p.add_argument("--model", default="scenes",
+                   help="`scenes` (built in, trained), `tiny` (random weights), a local diffusers SD folder, or a hub id")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 …")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend")

@@ -10,7 +10,7 @@
 # model-config.yaml), with handlers/ts_adapter.py packed beside the handler. Adding a model is
 # adding those two files and its name to ARCHIVES. Settings reach an archive only when its
 # config's `handler:` section declares the key:
-#   MODEL         -> handler.model        tiny | diffusers SD folder (made absolute) | hub id   [tiny]
+#   MODEL         -> handler.model        scenes | tiny | diffusers SD folder (made absolute) | hub id   [scenes]
 #   BANK          -> handler.bank         probe bank file, PACKED into the archive; empty = random demo probes
 #   CLASSIFIER    -> handler.classifier   VGG-16 weights file / folder (made absolute) | hub id | random
 #                                         [empty: the config's, `random` for the tiny demo]
@@ -32,7 +32,7 @@ CALLER=$PWD  # relative paths in the settings are relative to where the script w
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ARCHIVES=${ARCHIVES:-probe classify intervene}
-MODEL=${MODEL:-tiny}
+MODEL=${MODEL:-scenes}
 BANK=${BANK:-}
 CLASSIFIER=${CLASSIFIER:-}
 TINY_DECODER=${TINY_DECODER:-}
@@ -43,7 +43,7 @@ ARCHIVER=${ARCHIVER:-$(dirname "$PYTHON")/torch-model-archiver}
 absolute() {  # an existing path made absolute; anything else (tiny, random, a hub id) as is
     (
         cd "$CALLER"
-        if [[ -n "$1" && "$1" != tiny && "$1" != random && -e "$1" ]]; then
+        if [[ -n "$1" && "$1" != tiny && "$1" != scenes && "$1" != random && -e "$1" ]]; then
             if [[ -d "$1" ]]; then cd "$1" && pwd; else echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; fi
         else
             echo "$1"

@@ -8,8 +8,8 @@
 #   scripts/serve.sh models     print the --models arguments (probe=probe.mar classify=classify.mar intervene=intervene.mar)
 #   scripts/serve.sh status
 #
-# Environment: ARCHIVES (the models, default "probe classify intervene"), MODEL (tiny | SD folder | hub id),
-# BANK (probe bank file; for tiny, default runs/tiny-bank/bank.safetensors, fitted when absent),
+# Environment: ARCHIVES (the models, default "probe classify intervene"), MODEL (scenes | tiny | SD folder | hub id; default scenes),
+# BANK (probe bank file; for scenes, the shipped one; for tiny, default runs/tiny-bank/bank.safetensors, fitted when absent),
 # CLASSIFIER, TINY_DECODER, COMPILE, BATCH_SIZE, CONFIG_OVERRIDES, <NAME>_CONFIG_OVERRIDES (see
 # build_archives.sh), STARTUP_WAIT (s, default 1200). State lives in runs/serve/: torchserve.pid,
 # key_file.json (the tokens), logs/, tmp/ (TorchServe's temp dir: worker sockets, unpacked archives).
@@ -20,9 +20,10 @@ VENV_BIN=$ROOT/.venv/bin
 STATE=$ROOT/runs/serve
 PIDFILE=$STATE/torchserve.pid
 ARCHIVES=${ARCHIVES:-probe classify intervene}
-MODEL=${MODEL:-tiny}
+MODEL=${MODEL:-scenes}
 BANK=${BANK:-}
 TINY_BANK=$ROOT/runs/tiny-bank/bank.safetensors
+SCENES_BANK=$ROOT/ldmprobe/weights/scenes/bank.safetensors  # shipped with the scenes model
 CONFIG=$ROOT/config.properties
 # Workers must run the venv's python; one inductor cache for the whole clone.
 export PATH=$VENV_BIN:$PATH
@@ -64,6 +65,9 @@ models() {  # the --models arguments: NAME=NAME.mar for every archive
 }
 
 archives() {
+    if [[ -z $BANK && $MODEL == scenes ]] && needs_bank; then
+        BANK=$SCENES_BANK
+    fi
     if [[ -z $BANK && $MODEL == tiny ]] && needs_bank; then
         BANK=$TINY_BANK
         if [[ ! -f $BANK ]]; then

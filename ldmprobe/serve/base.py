@@ -195,8 +195,8 @@ class ServiceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str = Field("tiny", json_schema_extra=PATH,
-                       description='"tiny", a diffusers SD folder (absolute, or relative to the archive), or a hub id')
+    model: str = Field("scenes", json_schema_extra=PATH,
+                       description='"scenes" (built in, trained), "tiny" (random weights), a diffusers SD folder (absolute, or relative to the archive), or a hub id')
     device: str = Field("auto", description="auto: the GPU TorchServe assigned to this worker, else the CPU")
     dtype: str = Field("auto", description="auto: float16 on CUDA, float32 on CPU; or float16, bfloat16, float32")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention backend (xformers: CUDA only)")

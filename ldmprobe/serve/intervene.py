@@ -69,7 +69,7 @@ class InterveneService(Service):
         return cls(sd, ProbeBank.load(config.bank, sd), config, **kwargs)
 
     @classmethod
-    def load(cls, model: str = "tiny", bank: str | None = None, **settings: Any) -> InterveneService:
+    def load(cls, model: str = "scenes", bank: str | None = None, **settings: Any) -> InterveneService:
         """`from_config` with the settings as keywords."""
         extra = {k: settings.pop(k) for k in ("max_batch", "pad_batches") if k in settings}
         return cls.from_config(cls.Config(model=str(model), bank=str(bank or ""), **settings), **extra)

@@ -106,7 +106,7 @@ class ProbeService(Service):
         return cls(sd, probes, config, **kwargs)
 
     @classmethod
-    def load(cls, model: str = "tiny", bank: str | None = None, **settings: Any) -> ProbeService:
+    def load(cls, model: str = "scenes", bank: str | None = None, **settings: Any) -> ProbeService:
         """`from_config` with the settings as keywords (max_batch, pad_batches too)."""
         extra = {k: settings.pop(k) for k in ("max_batch", "pad_batches") if k in settings}
         return cls.from_config(cls.Config(model=str(model), bank=str(bank or ""), **settings), **extra)
