@@ -195,8 +195,8 @@ def test_same_seed_same_image(scenes):
     from ldmprobe.schemas import GenerationSettings
 
     sampler, settings = Sampler(scenes), GenerationSettings(steps=6)
-    a = sampler.generate(["a red sphere on a grey floor"] * 2, [7, 8], settings, layers="none").images
-    b = sampler.generate(["a red sphere on a grey floor"], [7], settings, layers="none").images
+    a = sampler.generate(["a red sphere on a grey floor"] * 2, [7, 8], settings, layers=None).images
+    b = sampler.generate(["a red sphere on a grey floor"], [7], settings, layers=None).images
     assert torch.equal(a[0], b[0])
     assert not torch.equal(a[0], a[1])
 
