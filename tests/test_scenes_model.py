@@ -222,3 +222,12 @@ def test_shipped_bank_finds_the_object_on_rendered_scenes(scenes):
     masks = torch.stack([torch.from_numpy(r.mask).float() for r in renders])
     scores = dice(maps["foreground", best.layer], masks, 0.5)
     assert float(scores.mean()) >= 0.8, scores
+
+
+def test_tokenizer_is_the_same_in_every_process():
+    """The vocabulary (token ids) must not depend on the process: a model is trained on the ids of one."""
+    code = "from training.scenes_model.architecture import build_tokenizer; import json; print(json.dumps(build_tokenizer().get_vocab(), sort_keys=True))"
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2, 3)}
+    assert len(outs) == 1 and json.loads(outs.pop()) == build_tokenizer().get_vocab()

@@ -13,8 +13,6 @@ The noise schedule is SD's (scaled_linear 0.00085–0.012, 1000 steps, epsilon p
 
 from __future__ import annotations
 
-import json
-
 from ldmprobe.models import sd_v1_4_config
 
 UNET = {
@@ -62,20 +60,36 @@ def scheduler_config() -> dict:
     return sd_v1_4_config("scheduler")
 
 
+def bpe_merges(words) -> list[tuple[str, str]]:
+    """BPE merges that build every word (with CLIP's "</w>" end marker) into one symbol: the most
+    frequent adjacent pair first, ties broken by the pair itself, so the same words always give the
+    same merges (a trainer that breaks ties by hash order gives other ids in another process)."""
+    from collections import Counter
+
+    pieces = [[*w[:-1], w[-1] + "</w>"] for w in sorted(set(words))]
+    merges = []
+    while True:
+        pairs = Counter(p for w in pieces for p in zip(w, w[1:], strict=False))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w in pieces:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [w[i] + w[i + 1]]
+                i += 1
+
+
 def build_tokenizer():
     """A CLIPTokenizer whose BPE merges build each caption word into one token; other text falls back
     to byte-level characters (never an error). Deterministic: merges come from a fixed word list."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     alphabet = sorted(ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=100_000, special_tokens=[], initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", min_frequency=1, show_progress=False)
-    bpe.train_from_iterator([" ".join(WORDS)], trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = bpe_merges(WORDS)
     vocab: dict[str, int] = {}
     for symbol in [*alphabet, *(ch + "</w>" for ch in alphabet), *(a + b for a, b in merges)]:
         vocab.setdefault(symbol, len(vocab))
