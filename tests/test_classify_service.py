@@ -100,7 +100,7 @@ def test_generation_answer(service, tiny):
     assert meta["settings"] | {"timesteps": None} == {"prompt": CLASSIFY_BASE["prompt"], "seed": 7, "steps": 3,
                                                       "guidance": 7.5, "height": 64, "width": 64,
                                                       "scheduler": "lms", "timesteps": None}
-    assert meta["batch"] == {"requests": 1, "rows": 1, "padded_to": 1, "row": 0}
+    assert meta["batch"] == {"requests": 1, "rows": 1, "padded_to": 4, "row": 0}  # batch_invariant: 4 rows
     assert {"validate", "denoise", "decode_classify", "encode_images", "total"} <= set(meta["timings_ms"])
 
 
