@@ -1,14 +1,18 @@
-"""The probe service behind a real TorchServe: batching on vs off, cold vs warm start. Prints ONE JSON line.
+"""The probe service behind a real TorchServe: batching on vs off, batch-invariant vs fast, cold vs warm start. Prints ONE JSON line.
 
-(a) Throughput and p50/p99 latency at 1 and 8 concurrent clients, batching on (the committed
-    config's batchSize) vs off (batchSize 1), goal: ≥ 1.7× throughput with batching at 8 clients.
-    Two archives that differ only in batchSize (built by scripts/build_archives.sh through
-    tests/serve_fixtures.build_archive) are served side by side by two TorchServes on free
+(a) Throughput and p50/p99 latency at 1 and 8 concurrent clients for three configurations:
+    `batch_on` (the committed config: its batchSize and maxBatchDelay, batch_invariant true:
+    every call at batchSize rows), `batch_on_fast` (the same with batch_invariant false: a call
+    padded to the next bucket only) and `batch_off` (batchSize 1). Goals: ≥ 1.8× throughput
+    with batching at 8 clients; a lone client's p50 ≤ 1.05× the unbatched one
+    (`lone_latency_ratio_p50`); the cost of batch invariance is batch_on vs batch_on_fast.
+    Archives that differ only in those settings (built by scripts/build_archives.sh through
+    tests/serve_fixtures.build_archive) are served side by side by TorchServes on free
     127.0.0.1 ports; each (clients, configuration) measurement is one warm-up round then the
-    timed requests from a thread pool (a closed loop: `clients` requests in flight), and the two
-    configurations alternate within interleaved rounds, so drift of this shared machine's load
-    hits both. The responses' metadata gives the batch sizes formed and the server-side
-    denoise (U-Net) time per batch, which explains the gain.
+    timed requests from a thread pool (a closed loop: `clients` requests in flight), and the
+    configurations take turns (rotated order) within interleaved rounds, so drift of this shared
+    machine's load hits all. The responses' metadata gives the batch sizes formed and the
+    server-side denoise (U-Net) time per batch, which explains the gain.
 (b) Worker start (torchserve launch → worker READY: JVM, model load, U-Net compile, warm-up) of
     the batching-off archive with TORCHINDUCTOR_CACHE_DIR = the repo's .cache/inductor, after the
     batching-on server's start filled it (warm), vs a fresh empty temp folder (cold).
@@ -47,9 +51,9 @@ from serve_fixtures import Server, build_archive, free_port  # noqa: E402
 
 from ldmprobe.jsonout import print_line  # noqa: E402
 
-REPO_CACHE = ROOT / ".cache" / "inductor"
+REPO_CACHE = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or ROOT / ".cache" / "inductor")  # warm cache
 DEFAULT_BANK = ROOT / "runs" / "tiny-bank" / "bank.safetensors"
-CONFIGS = ("batch_on", "batch_off")
+CONFIGS = ("batch_on", "batch_on_fast", "batch_off")
 PORTS = ("inference", "management", "metrics", "worker", "grpc_inference", "grpc_management")
 MAX_TIMED = 64  # timed requests per (configuration, clients), all rounds together
 
@@ -240,9 +244,11 @@ def main() -> None:
     cold_error = "skipped (--no-cold)" if args.no_cold else None
     try:
         stores = {}
-        for name, size in (("batch_on", batch_on), ("batch_off", 1)):
-            overrides = shared | {"batchSize": size}
-            stores[name] = build_archive(tmp / f"store-{name}", bank, overrides).parent
+        variants = {"batch_on": {"batchSize": batch_on},
+                    "batch_on_fast": {"batchSize": batch_on, "handler": shared["handler"] | {"batch_invariant": False}},
+                    "batch_off": {"batchSize": 1}}
+        for name in CONFIGS:
+            stores[name] = build_archive(tmp / f"store-{name}", bank, shared | variants[name]).parent
         probe = body_for(10_000, args.steps, args.side, args.format)
         servers = {}
         # batching on first: its start fills the repo cache for every bucket (incl. 1), so the
@@ -253,7 +259,8 @@ def main() -> None:
         i = 0
         for r in range(rounds):
             for k, clients in enumerate(per_round):
-                order = CONFIGS if (r + k) % 2 == 0 else CONFIGS[::-1]
+                shift = (r + k) % len(CONFIGS)
+                order = CONFIGS[shift:] + CONFIGS[:shift]
                 for name in order:
                     srv = servers[name]
                     run_clients(srv, clients, [body_for(i + j, args.steps, args.side, args.format)
@@ -304,25 +311,40 @@ def main() -> None:
         return {str(k): round(statistics.median(v), 1) for k, v in sorted(groups.items())}
 
     throughput = summary(lambda n, c: round(len(results[n][c]) / sum(walls[n][c]), 3))
+    p50 = summary(lambda n, c: round(pct([x["latency_s"] for x in results[n][c]], 0.50) * 1e3, 1))
+    p99 = summary(lambda n, c: round(pct([x["latency_s"] for x in results[n][c]], 0.99) * 1e3, 1))
+    batching = [n for n in CONFIGS if n != "batch_off"]
     heads = probe_heads_per_step(bank, batch_on, args.side)
     denoise = {name: by_rows(name, "denoise") for name in CONFIGS}
     print_line({
         "bench": "serve", "quick": args.quick,
         "model": "tiny", "device": "cpu", "bank": str(bank.relative_to(ROOT) if bank.is_relative_to(ROOT) else bank),
         "request": body_for(0, args.steps, args.side, args.format) | {"prompt": "bench {i}: …", "seed": "1000 + i"},
-        "batch_size": {"batch_on": batch_on, "batch_off": 1}, "max_batch_delay_ms": committed["maxBatchDelay"],
-        "warm_batch_sizes": {"batch_on": buckets, "batch_off": [1]},
+        "batch_size": {"batch_on": batch_on, "batch_on_fast": batch_on, "batch_off": 1},
+        "max_batch_delay_ms": committed["maxBatchDelay"],
+        "batch_invariant": {"batch_on": True, "batch_on_fast": False, "batch_off": "n/a (1 row)"},
+        "warm_batch_sizes": {"batch_on": [batch_on], "batch_on_fast": buckets, "batch_off": [1]},
         "rounds": rounds, "warmup_requests_per_measurement": {f"c{c}": c for c in per_round},
         "requests": summary(lambda n, c: len(results[n][c])),
         "throughput_rps": throughput,
         "throughput_rps_per_round": summary(lambda n, c: [round(per_round[c] / w, 3) for w in walls[n][c]]),
-        "p50_ms": summary(lambda n, c: round(pct([x["latency_s"] for x in results[n][c]], 0.50) * 1e3, 1)),
-        "p99_ms": summary(lambda n, c: round(pct([x["latency_s"] for x in results[n][c]], 0.99) * 1e3, 1)),
-        "batching_throughput_gain": round(throughput["batch_on"]["c8"] / throughput["batch_off"]["c8"], 3),
-        # the same ratio from each round's two adjacent measurements: their spread shows the noise
-        "batching_throughput_gain_per_round": [round(walls["batch_off"][8][r] / walls["batch_on"][8][r], 3)
-                                               for r in range(rounds)],
-        "batching_throughput_ratio_c1": round(throughput["batch_on"]["c1"] / throughput["batch_off"]["c1"], 3),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "batching_throughput_gain": {n: round(throughput[n]["c8"] / throughput["batch_off"]["c8"], 3) for n in batching},
+        # the same ratio from each round's adjacent measurements: their spread shows the noise
+        "batching_throughput_gain_per_round": {n: [round(walls["batch_off"][8][r] / walls[n][8][r], 3)
+                                                   for r in range(rounds)] for n in batching},
+        "batching_throughput_ratio_c1": {n: round(throughput[n]["c1"] / throughput["batch_off"]["c1"], 3)
+                                         for n in batching},
+        # a lone client: its latency with batching on over batching off
+        "lone_latency_ratio_p50": {n: round(p50[n]["c1"] / p50["batch_off"]["c1"], 3) for n in batching},
+        "lone_latency_ratio_p99": {n: round(p99[n]["c1"] / p99["batch_off"]["c1"], 3) for n in batching},
+        # what batch invariance costs: the invariant configuration over the fast one
+        "invariance_cost": {"throughput_c8": round(throughput["batch_on"]["c8"] / throughput["batch_on_fast"]["c8"], 3),
+                            "throughput_c1": round(throughput["batch_on"]["c1"] / throughput["batch_on_fast"]["c1"], 3),
+                            "p50_c1": round(p50["batch_on"]["c1"] / p50["batch_on_fast"]["c1"], 3),
+                            "p50_c8": round(p50["batch_on"]["c8"] / p50["batch_on_fast"]["c8"], 3),
+                            "p99_c8": round(p99["batch_on"]["c8"] / p99["batch_on_fast"]["c8"], 3)},
         "errors": sum(x["status"] != 200 for name in CONFIGS for c in per_round for x in results[name][c]),
         "error_statuses": dict(Counter(str(x["status"]) for name in CONFIGS for c in per_round
                                        for x in results[name][c] if x["status"] != 200)),
@@ -345,12 +367,12 @@ def main() -> None:
         "worker_self_reported_s": workers,
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()],
                     "at_each_measurement": load_at},
-        "load_note": "2 shared CPU cores: other processes' load slows both configurations; they alternate in "
-                     "interleaved rounds so drift hits both, and the per-round throughputs show the spread",
+        "load_note": "2 shared CPU cores: other processes' load slows every configuration; they take turns in "
+                     "interleaved rounds so drift hits all, and the per-round throughputs show the spread",
         "torch": version("torch"), "torchserve": version("torchserve"), "java": java_version(),
         "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "wall_s": round(time.monotonic() - t_begin, 1),
-        "goals": {"batching_throughput_gain": ">= 1.7"},
+        "goals": {"batching_throughput_gain": ">= 1.8", "lone_latency_ratio_p50": "<= 1.05"},
     })
 
 

@@ -233,14 +233,16 @@ class Sampler:
     def generate(self, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
                  layers: str | Iterable[str] | None = None, half: str = "cond",
                  callback: Callable[[StepOutput], None] | None = None, keep_steps: bool = True,
-                 progress: bool = False, pad_to: int | None = None) -> GenerationResult:
+                 progress: bool = False, pad_to: int | None = None,
+                 keep_padding: bool = False) -> GenerationResult:
         """Generate a batch of images; every step's outputs go to `callback` and, when
         keep_steps, into the result (activations of all steps of a full-size model are large:
         stream them to an ActivationStore through the callback instead).
 
         pad_to: run the loop at this batch size (the last prompt and seed repeated), so a
         compiled U-Net reuses the graph of a few bucket sizes; the padding rows are dropped from
-        every step output, the images, latents and metadata."""
+        every step output, the images, latents and metadata (keep_padding: step outputs keep
+        them, as rows n… after the n real ones, so work on them runs at the padded size too)."""
         from tqdm.auto import tqdm
 
         n = len(prompts)
@@ -252,7 +254,7 @@ class Sampler:
         started = time.perf_counter()
         for _ in tqdm(range(len(run.timesteps)), desc="denoising", disable=not progress, unit="step"):
             step = run.advance(*run.predict())
-            if extra:
+            if extra and not keep_padding:
                 step = step.first_rows(n, batch)
             if callback is not None:
                 callback(step)

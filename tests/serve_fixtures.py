@@ -285,6 +285,35 @@ def map_array(entry: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(arr["data"]), dtype="<f2").reshape(arr["shape"])
 
 
+def answer_bytes(body: dict[str, Any]) -> bytes:
+    """An answer as bytes without its metadata (timings, batch, worker: what may differ)."""
+    return json.dumps({k: v for k, v in body.items() if k != "metadata"}, sort_keys=True).encode()
+
+
+def alone_and_batched(service: Any, body: dict[str, Any], others: Sequence[dict[str, Any]]
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`body` answered alone (row 0), then in one batch with 1, 2 and 3 of `others` before it
+    (rows 1, 2, 3): (alone, [the three batched answers])."""
+    (alone,) = service.handle([body])
+    assert alone.status == 200, alone.body
+    batched = []
+    for k in (1, 2, 3):
+        out = service.handle([*others[:k], body])
+        assert [o.status for o in out] == [200] * (k + 1), [o.body for o in out if o.status != 200]
+        batched.append(out[k].body)
+    return alone.body, batched
+
+
+def assert_batch_invariant(service: Any, body: dict[str, Any], others: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Alone vs batched with 1, 2 and 3 other requests: byte-identical answers (images, maps,
+    arrays, numbers). Returns the answer alone."""
+    alone, batched = alone_and_batched(service, body, others)
+    reference = answer_bytes(alone)
+    for k, together in enumerate(batched, start=1):
+        assert answer_bytes(together) == reference, f"alone vs batched with {k} other(s): the bytes differ"
+    return alone
+
+
 def png_b64_of(array: np.ndarray) -> str:
     """uint8 [H, W, 3] → base64 PNG (what a client sends as `image`)."""
     from PIL import Image

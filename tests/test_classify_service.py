@@ -19,6 +19,7 @@ from serve_fixtures import (
     CLASSIFY_INPUT_SIZE,
     CLASSIFY_LIMITS,
     SMALL_IMAGE,
+    assert_batch_invariant,
     png_array,
     png_b64_of,
 )
@@ -99,7 +100,7 @@ def test_generation_answer(service, tiny):
     assert meta["settings"] | {"timesteps": None} == {"prompt": CLASSIFY_BASE["prompt"], "seed": 7, "steps": 3,
                                                       "guidance": 7.5, "height": 64, "width": 64,
                                                       "scheduler": "lms", "timesteps": None}
-    assert meta["batch"] == {"requests": 1, "rows": 1, "padded_to": 1, "row": 0}
+    assert meta["batch"] == {"requests": 1, "rows": 1, "padded_to": 4, "row": 0}  # batch_invariant: 4 rows
     assert {"validate", "denoise", "decode_classify", "encode_images", "total"} <= set(meta["timings_ms"])
 
 
@@ -128,15 +129,34 @@ def test_batch_equals_one_by_one_and_groups_by_decoder_settings(service):
     assert not np.allclose(png_array(bodies[0]["image"]["png"]), png_array(bodies[1]["image"]["png"]))
 
 
-def test_padding_to_buckets_changes_nothing(tiny, classifier, service):
-    padded = ClassifyService(tiny, classifier, compile=False, max_batch=4, pad_batches=True, **CLASSIFY_LIMITS)
+def test_padding_to_buckets_changes_nothing(tiny, classifier):
+    """Speed mode (batch_invariant false): padding to the next bucket or not, equal answers up
+    to float rounding."""
+    fast = {"compile": False, "max_batch": 4, "batch_invariant": False, **CLASSIFY_LIMITS}
+    padded = ClassifyService(tiny, classifier, pad_batches=True, **fast)
+    unpadded = ClassifyService(tiny, classifier, pad_batches=False, **fast)
     requests = [CLASSIFY_BASE | {"prompt": p, "seed": i} for i, p in enumerate(("a", "b", "c"))]
     with_padding = [ok(o) for o in padded.handle(requests)]
-    without = [ok(o) for o in service.handle(requests)]
+    without = [ok(o) for o in unpadded.handle(requests)]
     assert [b["metadata"]["batch"]["padded_to"] for b in with_padding] == [4, 4, 4]
     assert [b["metadata"]["batch"]["padded_to"] for b in without] == [3, 3, 3]
     for a, b in zip(with_padding, without, strict=True):
         close_answers(a, b)
+
+
+def test_same_bytes_alone_or_batched(service):
+    """batch_invariant (the default): a generation alone vs batched with 1, 2 and 3 others (rows
+    0–3; the decoder + VGG-16 chunks hold a different mix each time) → byte-identical
+    probabilities per step, image and step previews; likewise a real image among others."""
+    assert service.batch_invariant
+    body = CLASSIFY_BASE | {"prompt": "a lemon", "seed": 1, "target_class": "lemon", "previews": True}
+    others = [CLASSIFY_BASE | {"prompt": p, "seed": s} for p, s in (("a red car", 22), ("a tree", 333), ("a cup", 4))]
+    alone = assert_batch_invariant(service, body, others)
+    assert alone["metadata"]["batch"] == {"requests": 1, "rows": 1, "padded_to": 4, "row": 0}
+    assert len(alone["previews"]) == CLASSIFY_BASE["steps"] and alone["target_curve"]
+    rng = np.random.default_rng(5)
+    images = [{"image": png_b64_of((rng.random((32 + 8 * i, 48, 3)) * 255).astype(np.uint8))} for i in range(4)]
+    assert_batch_invariant(service, images[0] | {"top_k": 10}, images[1:])
 
 
 def test_stochastic_schedulers_run_alone(service):

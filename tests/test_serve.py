@@ -23,6 +23,9 @@ from serve_fixtures import (
     FUZZ_SETTINGS,
     MISSING_LAYER,
     STEPS,
+    alone_and_batched,
+    answer_bytes,
+    assert_batch_invariant,
     build_archive,
     fuzz_post,
     make_test_bank,
@@ -183,7 +186,8 @@ def test_prometheus_metrics(server):
 def test_batched_requests_match_unbatched(server):
     """Three valid requests and one bad one queued behind a slow request land in one TorchServe
     batch; the valid three run through one padded generate call, the bad one gets its own 400,
-    and each valid answer equals the same request sent alone."""
+    and each valid answer is byte-identical to the same request sent alone (batch_invariant:
+    compiled, every call at 4 rows)."""
     bodies = [BASE | {"prompt": p, "seed": s, "format": "array", "return_steps": [0, 3]}
               for p, s in (("a red apple", 1), ("a blue car", 22), ("a green tree", 333))]
     bad = BASE | {"seed": -1}
@@ -208,13 +212,14 @@ def test_batched_requests_match_unbatched(server):
     assert sorted(b["metadata"]["batch"]["row"] for b in batched) == [0, 1, 2]
     for body, together in zip(bodies, batched, strict=True):
         alone = ok(server.post(body))
-        assert alone["metadata"]["batch"]["generate_rows"] == 1
-        a, b = png_array(alone["image"]["png"]).astype(int), png_array(together["image"]["png"]).astype(int)
-        assert np.abs(a - b).max() <= 2
+        assert {k: alone["metadata"]["batch"][k] for k in ("generate_rows", "padded_to")} == \
+            {"generate_rows": 1, "padded_to": 4}
+        assert alone["image"]["png"] == together["image"]["png"]
         for sa, sb in zip(alone["steps"], together["steps"], strict=True):
             for ma, mb in zip(sa["maps"], sb["maps"], strict=True):
                 assert (ma["property"], ma["layer"]) == (mb["property"], mb["layer"])
-                np.testing.assert_allclose(map_array(ma), map_array(mb), atol=1e-2, rtol=1e-2)
+                assert ma["array"]["data"] == mb["array"]["data"] and ma["stats"] == mb["stats"]
+        assert answer_bytes(alone) == answer_bytes(together)
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -338,11 +343,55 @@ def test_probe_heads_run_once_per_step(service, monkeypatch):
     defaults = {BEST["foreground"], BEST["depth"], "dec4.0"}  # shading: no metrics → dec4.0
     layers_at = [defaults, defaults | {"mid.0", "dec4.2"}, defaults | {"mid.0", "dec4.2"}]
     for shapes, layers in zip(calls, layers_at, strict=True):  # a group per layer, every row of the batch in it
-        assert sorted(s[0] for s in shapes) == sorted(3 * registry[la].height * registry[la].width for la in layers)
+        # rows: the 3 requests padded to the bucket (batch_invariant: the padding rows too)
+        assert sorted(s[0] for s in shapes) == sorted(service.bucket(3) * registry[la].height * registry[la].width
+                                                      for la in layers)
     assert [[s["step"] for s in a["steps"]] for a in answers] == [[0, 1, 3], [1, 3], [3]]
     b = answers[1]["steps"][0]["maps"]
     assert [(m["property"], m["layer"], m["shape"]) for m in b] == [("depth", "mid.0", [128, 128]),
                                                                     ("depth", "dec4.2", [128, 128])]
+
+
+INVARIANT_OTHERS = [BASE | {"prompt": p, "seed": s, "return_steps": [1]}
+                    for p, s in (("a blue car", 22), ("a green tree", 333), ("a yellow lemon", 4444))]
+INVARIANT_BODY = BASE | {"prompt": "a red apple", "seed": 1, "format": "both", "return_steps": [0, 3],
+                         "layers": ["dec3.1", "dec4.1"], "properties": ["foreground", "depth"]}
+
+
+def test_same_bytes_alone_or_batched(service):
+    """batch_invariant (the default): alone vs batched with 1, 2 and 3 other requests (this one
+    on rows 0, 1, 2, 3) → byte-identical image, map PNGs, float16 arrays and stats; every call
+    ran at the largest bucket."""
+    assert service.batch_invariant
+    alone = assert_batch_invariant(service, INVARIANT_BODY, INVARIANT_OTHERS)
+    assert alone["metadata"]["batch"] == {"requests": 1, "generate_rows": 1, "padded_to": 4, "row": 0}
+    maps = [m for s in alone["steps"] for m in s["maps"]]
+    assert len(maps) == 2 * 2 * 2 and all("png" in m and "array" in m for m in maps)
+
+
+def test_speed_mode_pads_less_and_is_not_byte_identical(tiny, bank_file):
+    """The switch: batch_invariant false runs a lone request at 1 row (cheaper) and its answer
+    batched differs in float rounding: what the default exists to prevent."""
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.serve.probe import ProbeService
+
+    fast = ProbeService(tiny, ProbeBank.load(bank_file, tiny), compile=False, max_batch=4, batch_invariant=False)
+    alone, batched = alone_and_batched(fast, INVARIANT_BODY, INVARIANT_OTHERS)
+    assert alone["metadata"]["batch"]["padded_to"] == 1
+    assert [b["metadata"]["batch"]["padded_to"] for b in batched] == [2, 3, 4]
+    assert any(answer_bytes(b) != answer_bytes(alone) for b in batched)
+    for b in batched:  # equal up to float rounding
+        for sa, sb in zip(alone["steps"], b["steps"], strict=True):
+            for ma, mb in zip(sa["maps"], sb["maps"], strict=True):
+                np.testing.assert_allclose(map_array(ma), map_array(mb), atol=1e-2, rtol=1e-2)
+
+
+def test_capture_requested_needs_speed_mode():
+    from ldmprobe.serve.probe import ProbeConfig
+
+    with pytest.raises(ValueError, match="batch_invariant"):
+        ProbeConfig(capture="requested")
+    assert ProbeConfig(capture="requested", batch_invariant=False).capture == "requested"
 
 
 def test_steps_map_to_the_nearest_bank_timestep(tiny):

@@ -17,6 +17,7 @@ import torch
 from conftest import SCENE_BANK_STEPS
 from serve_fixtures import (
     FUZZ_SETTINGS,
+    assert_batch_invariant,
     assert_worker_kept,
     build_archive,
     fuzz_post,
@@ -276,6 +277,16 @@ def test_internal_failure_is_500_and_the_next_request_works(service, monkeypatch
     assert [o.status for o in outcomes] == [500, 400]
     assert outcomes[0].body["error"] == "internal" and "simulated failure" in outcomes[0].body["message"]
     assert service.handle([BASE | {"iterations": 2, "edit_steps": [0]}])[0].status == 200
+
+
+def test_same_bytes_alone_or_batched(service):
+    """An intervention alone vs in one batch with 1, 2 and 3 others (run in turn, each with its
+    own unedited twin) → byte-identical images, masks, success measures and losses."""
+    body = BASE | {"iterations": 4, "edit_steps": [0, 1]}
+    others = [BASE | {"prompt": p, "seed": s, "iterations": 2, "edit_steps": [0], "dx": -16}
+              for p, s in (("a blue car", 22), ("a green tree", 333), ("a yellow lemon", 4))]
+    alone = assert_batch_invariant(service, body, others)
+    assert set(alone["images"]) == {"original", "edited"} and set(alone["masks"]) == {"original", "target", "achieved"}
 
 
 def test_service_needs_a_bank(tiny):

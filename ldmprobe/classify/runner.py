@@ -144,28 +144,44 @@ def _image_tensor(image: Any) -> torch.Tensor:
 
 class StepClassifier:
     """Decoder + classifier, run over many latents in chunks of `batch_size` images: one decoder
-    and one classifier call per chunk, the same numbers as one image at a time."""
+    and one classifier call per chunk, the same numbers as one image at a time.
 
-    def __init__(self, decoder: LatentDecoder, classifier: ImageClassifier, batch_size: int = 8):
+    fixed_chunks: every call runs at exactly `batch_size` images (the last chunk padded with
+    copies of its last image, dropped afterwards), so an image's numbers never depend on how
+    many others share its call (float sums of a kernel can change with the batch size)."""
+
+    def __init__(self, decoder: LatentDecoder, classifier: ImageClassifier, batch_size: int = 8,
+                 fixed_chunks: bool = False):
         if batch_size < 1:
             raise ClassifyError(f"batch_size must be >= 1, got {batch_size}")
         self.decoder, self.classifier, self.batch_size = decoder, classifier, int(batch_size)
+        self.fixed_chunks = bool(fixed_chunks)
+
+    def chunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """x split into calls of batch_size: (chunk, real rows), padded when fixed_chunks."""
+        out = []
+        for chunk in x.split(self.batch_size):
+            real = chunk.shape[0]
+            if self.fixed_chunks and real < self.batch_size:
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.batch_size - real, *chunk.shape[1:])])
+            out.append((chunk, real))
+        return out
 
     @torch.no_grad()
     def classify_latents(self, latents: torch.Tensor, keep_previews: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[M, C, h, w] latents → ([M, 1000] probabilities, [M, 3, H, W] decoded images or None)."""
         probs, previews = [], []
-        for chunk in latents.split(self.batch_size):
+        for chunk, real in self.chunks(latents):
             images = self.decoder.decode(chunk)
-            probs.append(self.classifier.probabilities(images))
+            probs.append(self.classifier.probabilities(images)[:real])
             if keep_previews:
-                previews.append(images.cpu())
+                previews.append(images[:real].cpu())
         return torch.cat(probs), (torch.cat(previews) if keep_previews else None)
 
     @torch.no_grad()
     def classify_images(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.classifier.probabilities(c) for c in images.split(self.batch_size)])
+        return torch.cat([self.classifier.probabilities(c)[:real] for c, real in self.chunks(images)])
 
     def metadata(self) -> dict[str, Any]:
         return {"decoder": self.decoder.metadata(), "classifier": self.classifier.metadata(),
@@ -242,7 +258,7 @@ class StepClassifier:
         resolved = [None if t is None else imagenet_class(t) for t in targets]
         tensors = [_image_tensor(image)[:1] for image in images]
         x = torch.cat([self.classifier.preprocess(t) for t in tensors]) if tensors else None
-        probs = (torch.cat([self.classifier.preprocessed_probabilities(c) for c in x.split(self.batch_size)])
+        probs = (torch.cat([self.classifier.preprocessed_probabilities(c)[:real] for c, real in self.chunks(x)])
                  if x is not None else torch.zeros(0, 1000))
         out = []
         for i, t in enumerate(tensors):

@@ -16,9 +16,12 @@ nothing of TorchServe (that is handlers/ts_adapter.py). `Service.handle` is the 
 
 A service supplies its `Request` model, its `Config` (the pydantic model of its
 model-config.yaml `handler:` section: every setting declared once, documented, with its
-default), `check`, `group_key`, `run_group` and `answer`. Batch-size padding (`bucket`: the next
-of 1, 2, 4, … so a compiled U-Net keeps a handful of graphs) and the warm-up are here too, and so
-are the helpers every answer uses (`png_b64`, `map_png`).
+default), `check`, `group_key`, `run_group` and `answer`. Batch-size padding and the warm-up are
+here too, and so are the helpers every answer uses (`png_b64`, `map_png`). `bucket`: with
+`batch_invariant` (the default) every run is padded to the largest bucket, the requests in its
+first rows (a kernel's float sums can change with the batch size, never with the other rows'
+contents at a fixed size: the same request gives the same bytes whatever else is in flight);
+without, to the next of 1, 2, 4, … (when compiled: a handful of graphs), cheaper for small batches.
 """
 
 from __future__ import annotations
@@ -206,6 +209,10 @@ class ServiceConfig(BaseModel):
     warm_settings: dict[str, Any] = Field({}, description="request fields of the warm-up request (e.g. height, width)")
     max_side: int = Field(0, ge=0, description="largest height/width served; 0 = twice the model's default size")
     max_steps: int = Field(50, ge=1, le=MAX_SERVE_STEPS, description="most denoising steps a request may ask for")
+    batch_invariant: bool = Field(
+        True, description="the same request gives the same bytes whatever else is in flight: every call runs at the "
+                          "largest batch size (batchSize rows, requests in the first rows); false: pad only to the "
+                          "next bucket (1, 2, 4, …), faster for a lone request, answers equal up to float rounding")
 
 
 @dataclass
@@ -242,6 +249,7 @@ class Service:
         self.compiled = self.config.compile
         self.pad_batches = self.compiled if pad_batches is None else bool(pad_batches)
         self.buckets = buckets_for(max_batch if self.batches else 1)
+        self.batch_invariant = self.config.batch_invariant
         self.max_side = int(self.config.max_side or 2 * model.default_size)
         self.max_steps = int(self.config.max_steps)
         self.setup()
@@ -317,7 +325,11 @@ class Service:
         return [members[i:i + limit] for members in by_key.values() for i in range(0, len(members), limit)]
 
     def bucket(self, rows: int) -> int:
-        """The batch size a run of `rows` rows runs at: the next bucket when padding."""
+        """The batch size a run of `rows` rows runs at: always the largest bucket when
+        batch-invariant (float sums never change with the company), else the next bucket when
+        padding."""
+        if self.batch_invariant:
+            return self.buckets[-1]
         return bucket(rows, self.buckets, self.pad_batches)
 
     # --- start-up -----------------------------------------------------------------------------
@@ -331,5 +343,7 @@ class Service:
         so the first real request does not pay for it. A refusal is a start-up failure."""
         sizes = batch_sizes if batch_sizes is not None else self.config.warm_batch_sizes
         sizes = [s for s in sizes if s <= self.buckets[-1]] or [1]
+        if self.batch_invariant:  # every call runs at the largest bucket: one graph to warm
+            sizes = [1]
         body = self.warm_request() | dict(self.config.warm_settings if settings is None else settings)
         return warm_up(self, sizes, body)

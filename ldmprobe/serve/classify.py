@@ -11,8 +11,11 @@ Why the batching looks the way it does:
   computed, so they do not split a batch.
 - Real-image requests of one batch are classified together (each preprocessed alone, one
   chunked VGG-16 pass): the study's generated-vs-real comparison at the same cost per image.
-- Compiled, a call is padded to the next bucket (1, 2, 4, …) so a handful of U-Net graphs serve
-  every batch; the padding rows are not classified.
+- batch_invariant (the default): every denoising loop runs at the largest bucket and every
+  decoder + VGG-16 call at exactly `chunk_size` images (padding dropped afterwards), so an
+  answer's bytes never depend on what else is in flight. Off, and compiled, a call is padded
+  to the next bucket (1, 2, 4, …) so a handful of U-Net graphs serve every batch; the padding
+  rows are not classified.
 
 Limits are checked before anything runs: steps ≤ max_steps, height/width multiples of the VAE
 factor ≤ max_side, images ≤ max_image_bytes / max_image_pixels, and decoder "tiny" only when a
@@ -114,7 +117,8 @@ class ClassifyService(Service):
         decoders = {"vae": make_decoder(self.model, "vae")}
         if self.tiny_decoder is not None:
             decoders["tiny"] = self.tiny_decoder
-        self.runners = {kind: StepClassifier(dec, self.classifier, batch_size=cfg.chunk_size)
+        self.runners = {kind: StepClassifier(dec, self.classifier, batch_size=cfg.chunk_size,
+                                              fixed_chunks=cfg.batch_invariant)
                         for kind, dec in decoders.items()}
 
     @classmethod

@@ -6,9 +6,11 @@ Why the batching looks the way it does:
   row is drawn from its own seed, so a batched request gets its unbatched result (up to float
   rounding). Stochastic schedulers (euler_a, ddpm) draw step noise from one generator per
   call, so their requests run alone to keep that promise (`base.Service.groups`).
-- The compiled U-Net has one graph per input shape. With `pad_batches` a call is padded to the
-  next bucket size (1, 2, 4, …) and every call captures the same layer set, so a handful of
-  graphs serve every batch; they are compiled once (warm-up or first use) and kept.
+- batch_invariant (the default): every call runs at the largest bucket, the U-Net, the probe
+  heads (on the padding rows too) and the VAE, so a request's bytes never depend on what else
+  is in flight. Off: the compiled U-Net has one graph per input shape; with `pad_batches` a call
+  is padded to the next bucket size (1, 2, 4, …) and every call captures the same layer set,
+  so a handful of graphs serve every batch; they are compiled once (warm-up or first use).
 - The probe heads run once per step: every row × requested layer × property of a step in ONE
   `ProbeBank.apply` (one grouped-kernel launch), maps sliced per request afterwards (and
   upsampled per request when it asked for image-size maps).
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..generate import StepOutput, to_pil
 from ..models import SDModel, load_model
@@ -39,7 +41,15 @@ class ProbeConfig(ServiceConfig):
     bank: str = Field("bank.safetensors", json_schema_extra=PATH,
                       description='probe bank file (in the archive, or absolute); "" = random demo probes')
     capture: Literal["all", "requested"] = Field(
-        "all", description="capture every layer at every call (one graph per bucket) or only those asked for")
+        "all", description="capture every layer at every call (one graph per bucket) or only those asked for "
+                           "(requested: only with batch_invariant false, the graph would change with the company)")
+
+    @model_validator(mode="after")
+    def _capture_keeps_invariance(self) -> ProbeConfig:
+        if self.capture == "requested" and self.batch_invariant:
+            raise ValueError("capture 'requested' changes the compiled graph with the batch's layers: "
+                             "set batch_invariant false to use it")
+        return self
 
 
 @dataclass
@@ -190,7 +200,7 @@ class ProbeService(Service):
 
         gen = self.sampler.generate([p.request.prompt for p in group], [p.request.seed for p in group],
                                     first.request.settings(), layers=capture, callback=on_output, keep_steps=False,
-                                    pad_to=padded)
+                                    pad_to=padded, keep_padding=self.batch_invariant)
         encode_started = time.perf_counter()
         encoded = [png_b64(img) for img in to_pil(gen.images)]
         encode_s = time.perf_counter() - encode_started

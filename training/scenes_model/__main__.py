@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5, the study's)")
     e.add_argument("--out", type=Path, default=None, help="folder for evaluate.json and the PNG grid (default: none)")
     e.add_argument("--label-models", default=None, help="label-model folder (default: the shipped scenes label models)")
+    v = sub.add_parser("intervene", help="move the object by editing activations on many held-out captions; the distribution")
+    v.add_argument("--model", default="scenes", help="model (default: scenes)")
+    v.add_argument("--bank", type=Path, default=None, help="probe bank (default: the scenes model's shipped bank)")
+    v.add_argument("--captions", type=int, default=16, help="held-out captions, one seed each (default: 16)")
+    v.add_argument("--dx", type=float, action="append", default=None,
+                   help="horizontal shifts in pixels, repeatable; each caption gets them in turn (default: 24)")
+    v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
     s = sub.add_parser("ship", help="copy a finished run's model (+ its bank) into the package with a model card")
     s.add_argument("--run", required=True, type=Path, help="the finished training run folder")
     s.add_argument("--to", type=Path, default=None, help="destination (default: ldmprobe/weights/scenes)")
@@ -74,6 +81,11 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
         if not 0 <= args.cfg_dropout < 1:
             p.error(f"--cfg-dropout: must be in [0, 1), got {args.cfg_dropout}")
+    elif args.command == "intervene":
+        if args.captions < 1:
+            p.error(f"--captions: must be >= 1, got {args.captions}")
+        if args.bank is not None and not args.bank.is_file():
+            p.error(f"--bank: {args.bank} is not a file")
     elif args.command == "evaluate":
         if args.captions < 1:
             p.error(f"--captions: must be >= 1, got {args.captions}")
@@ -86,6 +98,29 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             name, _, path = str(spec).partition("=")
             if not name or not Path(path).is_file():
                 p.error(f"--figures: expected NAME=PATH of an existing JSON file, got {spec!r}")
+
+
+def _intervene(args) -> dict:
+    from ldmprobe.atomic import write_json
+    from ldmprobe.generate import Sampler
+    from ldmprobe.models import SCENES_DIR, load_model
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.schemas import GenerationSettings
+
+    from .data import HELD_OUT_SEED_OFFSET, held_out_captions
+    from .intervention_eval import run_interventions
+
+    model = load_model(args.model)
+    bank = ProbeBank.load(args.bank or SCENES_DIR / "bank.safetensors", model)
+    captions, shifts = held_out_captions(), args.dx or [24.0]
+    cases = [{"prompt": captions[i % len(captions)]["caption"], "seed": HELD_OUT_SEED_OFFSET + i,
+              "dx": shifts[i % len(shifts)], "dy": 0.0} for i in range(args.captions)]
+    out = run_interventions(Sampler(model), bank, cases, GenerationSettings(steps=bank.num_steps or 15))
+    rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
+    result = {"model": args.model, "cases": len(cases), "summary": out["summary"], "seconds": out["seconds"]}
+    if args.out is not None:
+        write_json(args.out / "intervene.json", {**result, "rows": rows})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.dist.main:
             print(json.dumps({"out": str(args.out), "wall_s": job["wall_s"], "loss": job.get("loss", {}),
                               "done": (args.out / "model").is_dir()}))
+        return 0
+    if args.command == "intervene":
+        print(json.dumps(_intervene(args)))
         return 0
     if args.command == "ship":
         from ldmprobe.models import SCENES_DIR
