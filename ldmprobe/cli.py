@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, ValidationError
 
-from .intervene.spec import DEFAULT_ITERATIONS, DEFAULT_LR
+from .intervene.spec import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_ORDER
 from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationSettings, SchedulerName
 
 EXIT_USAGE = 2
@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate (the study's)")
     i.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="Adam iterations per edited step")
     i.add_argument("--loss", default="auto", help="auto, bce, mse or huber")
+    i.add_argument("--order", default=DEFAULT_ORDER,
+                   help="sequential (the study's: each layer edited on an activation that already carries the "
+                        "edits of the layers before it, one forward per layer) or joint (all layers of a step at "
+                        "once, faster)")
     i.add_argument("--eval-layer", default=None,
                    help="layer whose probe scores the result (default: the bank's best for the property)")
     i.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
@@ -311,7 +315,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
               "dx": args.dx, "dy": args.dy, "target_mask": mask_b64, "loss": args.loss, "eval_layer": args.eval_layer,
               "edit_steps": _steps_list(args.edit_steps),
               "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()],
-              "lr": args.lr, "iterations": args.iterations}
+              "lr": args.lr, "iterations": args.iterations, "order": args.order}
     try:
         req = InterveneRequest(**fields)
     except ValidationError as exc:

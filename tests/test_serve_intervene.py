@@ -167,6 +167,7 @@ BAD = [
     ("height_not_multiple_of_8", BASE | {"height": 100}, "invalid_request", "height"),
     ("width_over_service_limit", BASE | {"width": 512}, "invalid_request", "width"),
     ("unknown_eval_layer", BASE | {"eval_layer": "dec9.9"}, "invalid_request", "eval_layer"),
+    ("unknown_order", BASE | {"order": "parallel"}, "invalid_request", "order"),
 ]
 
 
@@ -283,3 +284,14 @@ def test_service_needs_a_bank(tiny):
 
     with pytest.raises(ValueError, match="probe bank"):
         InterveneService.load("tiny", None)
+
+
+def test_order_field_in_process(service):
+    """`order` reaches the run and its answer's metadata (sequential by default); a bad value
+    is a 400 naming `order`, before any work."""
+    small = BASE | {"iterations": 4, "edit_steps": [0]}
+    default, joint, bad = service.handle([small, small | {"order": "joint"}, small | {"order": "parallel"}])
+    assert (default.status, joint.status) == (200, 200)
+    assert (default.body["metadata"]["order"], joint.body["metadata"]["order"]) == ("sequential", "joint")
+    assert default.body["images"]["edited"]["png"] != joint.body["images"]["edited"]["png"]
+    assert bad.status == 400 and (bad.body["error"], bad.body["field"]) == ("invalid_request", "order")

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..classify import MAX_TOP_K, ClassifyResponse, ImageNetClass, imagenet_class
-from ..intervene import DEFAULT_ITERATIONS, DEFAULT_LR, InterventionSpec
+from ..intervene import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_ORDER, InterventionSpec
 from ..schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationSettings
 
 # --- shared ---------------------------------------------------------------------------------
@@ -287,6 +287,9 @@ class InterveneRequest(GenerationSettings):
     iterations: int = Field(DEFAULT_ITERATIONS, ge=0, le=MAX_ITERATIONS)
     loss: Literal["auto", "bce", "mse", "huber"] = "auto"
     eval_layer: str | None = None
+    order: Literal["sequential", "joint"] = Field(DEFAULT_ORDER, description=(
+        "sequential (the study's): at each edited step the layers are edited in forward order, each on an "
+        "activation that already carries the edits before it; joint: all at once on the unedited forward (faster)"))
 
     @field_validator("affine")
     @classmethod
@@ -328,7 +331,7 @@ class InterveneRequest(GenerationSettings):
         mask = decode_mask(self.target_mask) if self.target_mask is not None else None
         return InterventionSpec(property=self.property, dx=self.dx, dy=self.dy, affine=self.affine, target_mask=mask,
                                 layers=self.layers, edit_steps=self.edit_steps, lr=self.lr, iterations=self.iterations,
-                                loss=self.loss, eval_layer=self.eval_layer)
+                                loss=self.loss, eval_layer=self.eval_layer, order=self.order)
 
 
 class MaskImage(ImagePayload):
