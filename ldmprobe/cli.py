@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--classifier", default=None,
                    help="VGG-16 weights: safetensors / torchvision .pth file, folder or hub id, or `random` (tests "
                         "only) (default: timm/vgg16.tv_in1k)")
+    c.add_argument("--preprocessing", default="timm",
+                   help="timm (the weights' own) or caffe (Keras' VGG-16 as the capstone: 8-bit, nearest resize, BGR, "
+                        "ImageNet means in 0-255, no std; for Caffe-converted weights, not comparable with timm's)")
     c.add_argument("--top-k", type=int, default=5, help="classes reported per step")
     c.add_argument("--target", default=None,
                    help="target class: index, WordNet id or name, e.g. lemon (default: none, no target curve)")
@@ -236,6 +239,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise UsageError(f"--{_CLASSIFY_FLAGS.get(field, field.replace('_', '-'))}: {msg}") from None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.preprocessing not in ("timm", "caffe"):
+        raise UsageError(f"--preprocessing: use timm or caffe, got {args.preprocessing!r}")
     if args.tiny_decoder is not None and req.decoder != "tiny":
         raise UsageError("--tiny-decoder: only used with --decoder tiny")
     out: Path = args.out
@@ -245,7 +250,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
     # weights before the generation: a missing file fails in seconds, not after the denoising loop
     decoder = make_decoder(model, req.decoder, args.tiny_decoder or DEFAULT_TINY_DECODER)
-    classifier = load_vgg16(args.classifier or DEFAULT_CLASSIFIER, model.device, model.dtype)
+    classifier = load_vgg16(args.classifier or DEFAULT_CLASSIFIER, model.device, model.dtype,
+                            preprocessing=args.preprocessing)
     runner = StepClassifier(decoder, classifier, batch_size=args.batch_size)
     result = runner.classify_generation(Sampler(model), [req.prompt], [req.seed], req.settings(), decode=req.decode,
                                         targets=req.target_class, top_k=req.top_k, keep_previews=True,

@@ -460,3 +460,25 @@ def test_study_protocol_is_recorded_and_bad_values_name_the_field(runner):
         with pytest.raises(iv.InterventionError) as err:
             runner.resolve(spec, SETTINGS)
         assert err.value.field == field
+
+
+def test_study_protocol_refuses_a_schedule_the_bank_was_not_fitted_at(sampler, scene_bank, tiny):
+    """Bank steps follow exact timesteps: equal → the same step; different (fewer steps here, or
+    a recorded schedule that differs) → the nearest bank timestep under ldmprobe, recorded in the
+    metadata, and refused under the study protocol (InterventionError naming steps)."""
+    runner = iv.Intervention(sampler, ProbeBank.load(scene_bank, tiny))
+    exact = runner.step_mapping(SETTINGS)
+    assert exact["exact"] is True and exact["bank_steps"] == list(range(SCENE_BANK_STEPS))
+    fewer = GenerationSettings(steps=3)
+    with pytest.raises(iv.InterventionError) as err:
+        runner.resolve(iv.InterventionSpec(protocol="study", edit_steps=[0]), fewer)
+    assert err.value.field == "steps"
+    layers, steps, _, bank_steps = runner.resolve(iv.InterventionSpec(edit_steps=[0]), fewer)
+    assert bank_steps[0] == 0 and bank_steps[-1] == SCENE_BANK_STEPS - 1
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(edit_steps=[0], iterations=2, layers=["dec4.0"]), fewer)
+    assert out.metadata["step_mapping"]["exact"] is False and out.metadata["step_mapping"]["bank_steps"] == bank_steps
+    shifted = ProbeBank.load(scene_bank, tiny)
+    shifted.extra["timesteps"] = [t - 1.0 for t in exact["request_timesteps"]]  # recorded, and not ours
+    with pytest.raises(iv.InterventionError) as err:
+        iv.Intervention(sampler, shifted).resolve(iv.InterventionSpec(protocol="study"), SETTINGS)
+    assert err.value.field == "steps" and "differ" in str(err.value)

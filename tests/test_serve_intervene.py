@@ -295,3 +295,20 @@ def test_order_field_in_process(service):
     assert (default.body["metadata"]["order"], joint.body["metadata"]["order"]) == ("sequential", "joint")
     assert default.body["images"]["edited"]["png"] != joint.body["images"]["edited"]["png"]
     assert bad.status == 400 and (bad.body["error"], bad.body["field"]) == ("invalid_request", "order")
+    assert default.body["metadata"]["protocol"] == "ldmprobe"
+
+
+def test_protocol_field_in_process(service):
+    """`protocol` is recorded in the answer; under study a depth target is min-max scaled to
+    [-9, 9] (depth_target overrides), and a schedule the bank was not fitted at is refused."""
+    depth = BASE | {"property": "depth", "iterations": 2, "edit_steps": [0], "layers": ["dec4.0"]}
+    study, override, fewer, bad = service.handle([depth | {"protocol": "study"},
+                                                  depth | {"protocol": "study", "depth_target": "warp"},
+                                                  depth | {"protocol": "study", "steps": 3},
+                                                  depth | {"depth_target": "clip"}])
+    assert (study.status, override.status) == (200, 200), (study.body, override.body)
+    assert (study.body["metadata"]["protocol"], study.body["metadata"]["depth_target"]) == ("study", "minmax")
+    assert override.body["metadata"]["depth_target"] == "warp"
+    assert study.body["metadata"]["step_mapping"]["exact"] is True
+    assert fewer.status == 400 and fewer.body["field"] == "steps", fewer.body
+    assert bad.status == 400 and bad.body["field"] == "depth_target"

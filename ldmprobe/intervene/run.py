@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..generate import Sampler
-from ..probes import ProbeBank
+from ..probes import ProbeBank, schedule_timesteps
 from ..schemas import GenerationSettings
 from .measures import measure, representation_success
 from .optimisation import LayerTarget, optimise, raw_output, resolve_loss, to_raw, to_units
@@ -82,6 +82,13 @@ class InterventionResult:
     timings_s: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
     label_maps: dict[str, torch.Tensor] | None = None  # label model's maps of both images, when configured
+
+
+def _short(timesteps: list[float] | None) -> str:
+    if not timesteps:
+        return "(none recorded)"
+    shown = ", ".join(f"{t:g}" for t in timesteps[:4])
+    return f"[{shown}{', …' if len(timesteps) > 4 else ''}] ({len(timesteps)})"
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -123,7 +130,7 @@ class Intervention:
         if bad:
             raise InterventionError(f"edit step(s) {bad} outside 0–{settings.steps - 1}", "edit_steps")
         steps = sorted({int(s) for s in steps})
-        bank_steps = self.bank_steps(settings)
+        bank_steps = self.bank_steps(settings, spec.protocol)
         for s in steps:
             for la in layers:
                 if not bank.has(prop, la, bank_steps[s]):
@@ -148,9 +155,23 @@ class Intervention:
             resolve_loss(bank.probe(prop, layer, bank_steps[steps[0]]), spec.loss)
         return layers, steps, eval_layer, bank_steps
 
-    def bank_steps(self, settings: GenerationSettings) -> list[int]:
-        """The bank step of each request step (the bank's policy: `ProbeBank.step_map`)."""
-        return self.bank.step_map(self.sampler.model, settings.scheduler, settings.steps)
+    def step_mapping(self, settings: GenerationSettings) -> dict[str, Any]:
+        """The request's exact timesteps against the bank's (`ProbeBank.timestep_mapping`)."""
+        ours = schedule_timesteps(self.sampler, settings.scheduler, settings.steps)
+        return self.bank.timestep_mapping(ours, self.sampler.model)
+
+    def bank_steps(self, settings: GenerationSettings, protocol: str = "ldmprobe") -> list[int]:
+        """The bank step of each request step: the same step when the timesteps agree, else the
+        bank's nearest timestep — which the study protocol refuses (its probes belong to the
+        exact steps they were fitted at): InterventionError naming scheduler or steps."""
+        mapping = self.step_mapping(settings)
+        if mapping["exact"] is False and protocol == "study":
+            field = "scheduler" if self.bank.scheduler and settings.scheduler != self.bank.scheduler else "steps"
+            raise InterventionError(
+                f"the request's timesteps {_short(mapping['request_timesteps'])} differ from the probe bank's "
+                f"{_short(mapping['bank_timesteps'])}; the study protocol does not map steps (protocol 'ldmprobe' maps "
+                "each step to the bank's nearest timestep)", field)
+        return mapping["bank_steps"]
 
     def layer_targets(self, spec: InterventionSpec, layers: list[str], bank_step: int, unedited: Mapping[str, torch.Tensor],
                       theta: torch.Tensor | None, registry) -> list[LayerTarget]:
@@ -208,6 +229,7 @@ class Intervention:
         model = self.sampler.model
         height, width = settings.height or model.default_size, settings.width or model.default_size
         layers, steps, eval_layer, bank_steps = self.resolve(spec, settings)
+        mapping = self.step_mapping(settings)
         affine = spec.pixel_affine()
         theta = None if (spec.target_mask is not None or is_identity(affine)) else affine_theta(affine, height, width)
         registry = model.registry(height, width)
@@ -281,6 +303,8 @@ class Intervention:
             "loss": {la: resolve_loss(self.bank.probe(spec.property, la, bank_steps[steps[0]]), spec.loss)
                      for la in layers},
             "order": spec.order, "protocol": spec.protocol,
+            "step_mapping": {"exact": mapping["exact"], "bank_timesteps": mapping["bank_timesteps"],
+                             "bank_steps": mapping["bank_steps"]},
             "depth_target": spec.resolved_depth_target() if spec.property == "depth" else None,
             "eval_layer": eval_layer, "eval_step": last, "bank_steps": [bank_steps[s] for s in steps],
             "target": "user mask" if spec.target_mask is not None else "own probe map of the unedited row, warped",
