@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, ValidationError
 
-from .intervene.spec import DEFAULT_ITERATIONS, DEFAULT_LR
+from .intervene.spec import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_ORDER
 from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationSettings, SchedulerName
 
 EXIT_USAGE = 2
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--classifier", default=None,
                    help="VGG-16 weights: safetensors / torchvision .pth file, folder or hub id, or `random` (tests "
                         "only) (default: timm/vgg16.tv_in1k)")
+    c.add_argument("--preprocessing", default="timm",
+                   help="timm (the weights' own) or caffe (Keras' VGG-16 as the capstone: 8-bit, nearest resize, BGR, "
+                        "ImageNet means in 0-255, no std; for Caffe-converted weights, not comparable with timm's)")
     c.add_argument("--top-k", type=int, default=5, help="classes reported per step")
     c.add_argument("--target", default=None,
                    help="target class: index, WordNet id or name, e.g. lemon (default: none, no target curve)")
@@ -147,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate (the study's)")
     i.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="Adam iterations per edited step")
     i.add_argument("--loss", default="auto", help="auto, bce, mse or huber")
+    i.add_argument("--order", default=DEFAULT_ORDER,
+                   help="sequential (the study's: each layer edited on an activation that already carries the "
+                        "edits of the layers before it, one forward per layer) or joint (all layers of a step at "
+                        "once, faster)")
     i.add_argument("--eval-layer", default=None,
                    help="layer whose probe scores the result (default: the bank's best for the property)")
     i.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
@@ -246,6 +253,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise UsageError(f"--{_CLASSIFY_FLAGS.get(field, field.replace('_', '-'))}: {msg}") from None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.preprocessing not in ("timm", "caffe"):
+        raise UsageError(f"--preprocessing: use timm or caffe, got {args.preprocessing!r}")
     if args.tiny_decoder is not None and req.decoder != "tiny":
         raise UsageError("--tiny-decoder: only used with --decoder tiny")
     out: Path = args.out
@@ -255,7 +264,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
     # weights before the generation: a missing file fails in seconds, not after the denoising loop
     decoder = make_decoder(model, req.decoder, args.tiny_decoder or DEFAULT_TINY_DECODER)
-    classifier = load_vgg16(args.classifier or DEFAULT_CLASSIFIER, model.device, model.dtype)
+    classifier = load_vgg16(args.classifier or DEFAULT_CLASSIFIER, model.device, model.dtype,
+                            preprocessing=args.preprocessing)
     runner = StepClassifier(decoder, classifier, batch_size=args.batch_size)
     result = runner.classify_generation(Sampler(model), [req.prompt], [req.seed], req.settings(), decode=req.decode,
                                         targets=req.target_class, top_k=req.top_k, keep_previews=True,
@@ -325,7 +335,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
               "dx": args.dx, "dy": args.dy, "target_mask": mask_b64, "loss": args.loss, "eval_layer": args.eval_layer,
               "edit_steps": _steps_list(args.edit_steps),
               "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()],
-              "lr": args.lr, "iterations": args.iterations}
+              "lr": args.lr, "iterations": args.iterations, "order": args.order}
     try:
         req = InterveneRequest(**fields)
     except ValidationError as exc:

@@ -273,8 +273,11 @@ def test_request_validation():
 def test_cli_classify_end_to_end(tmp_path, capsys, monkeypatch, vgg):
     import ldmprobe.classify
 
-    def reuse_random_vgg(source, device, dtype):  # the module's random VGG-16: saves building another
+    asked = []
+
+    def reuse_random_vgg(source, device, dtype, preprocessing="timm"):  # the module's random VGG-16
         assert source == "random"
+        asked.append(preprocessing)
         return vgg
 
     monkeypatch.setattr(ldmprobe.classify, "load_vgg16", reuse_random_vgg)
@@ -298,6 +301,11 @@ def test_cli_classify_end_to_end(tmp_path, capsys, monkeypatch, vgg):
     assert meta["classifier"]["random_weights"] is True and "warning" in meta["classifier"]
     assert meta["decoder"]["kind"] == "tiny" and meta["decoder"]["random_weights"] is True
     assert meta["decode"] == "x0" and meta["prompt"] == "lemon" and meta["steps"] == 2
+    assert asked == ["timm"]
+    bad = main(["classify", "--model", "tiny", "--prompt", "lemon", "--out", str(tmp_path / "bad"), "--classifier",
+                "random", "--preprocessing", "keras", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert bad == 2 and len(err.splitlines()) == 1 and "--preprocessing" in err
     assert not list(out.rglob("*.tmp"))
 
 
@@ -341,3 +349,29 @@ def test_figure_without_previews(batched, tmp_path):
     path = plot_classification(result_np, tmp_path / "fig.png", title="no previews")
     with Image.open(path) as img:
         assert img.format == "PNG"
+
+
+def test_caffe_preprocessing_is_keras_vgg16_on_the_png(vgg):
+    """preprocessing="caffe" (issue 13 item 11): what the capstone's Keras VGG-16 saw — the
+    image as an 8-bit PNG, resized whole to 224 with PIL's NEAREST (Keras' load_img), BGR, the
+    ImageNet BGR means subtracted in 0–255, no std — computed here from PIL, element for element."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmprobe.classify import CAFFE_BGR_MEAN
+
+    caffe = ImageClassifier(vgg.module, "random", True, preprocessing="caffe")
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 96, 80)
+    got = caffe.preprocess(images)
+    for i in range(2):
+        png = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        keras = np.asarray(Image.fromarray(png).resize((224, 224), Image.NEAREST), dtype=np.float32)
+        keras = keras[..., ::-1] - np.asarray(CAFFE_BGR_MEAN, dtype=np.float32)
+        np.testing.assert_array_equal(got[i].permute(1, 2, 0).numpy(), keras)
+    assert not torch.allclose(got, vgg.preprocess(images).float())  # not timm's
+    meta = caffe.metadata()
+    assert (meta["preprocessing"], meta["interpolation"], meta["std"]) == ("caffe", "nearest", [1.0, 1.0, 1.0])
+    assert vgg.metadata()["preprocessing"] == "timm"
+    with pytest.raises(ValueError, match="preprocessing"):
+        ImageClassifier(vgg.module, "random", True, preprocessing="keras")

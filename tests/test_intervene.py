@@ -202,10 +202,12 @@ def test_shift_changes_the_image_and_reports_the_measures(shifted):
     torch.testing.assert_close(shifted.target_map, expected)
 
 
-def test_zero_shift_leaves_the_image_unchanged(runner, monkeypatch, tiny):
+@pytest.mark.parametrize("order", ["joint", "sequential"])
+def test_zero_shift_leaves_the_image_unchanged(runner, monkeypatch, tiny, order):
     """A zero shift asks each layer for its own probe output: the gradient is exactly 0, so the
     real optimiser (every Adam iteration run, counted here) leaves the activations, and so the
-    image, bit for bit as they were."""
+    image, bit for bit as they were — in both orders (joint stacks layers of one shape into one
+    loop; sequential runs one loop per layer, each after a forward carrying the previous patches)."""
     import ldmprobe.intervene.optimisation as optimisation
 
     steps_run = []
@@ -217,9 +219,12 @@ def test_zero_shift_leaves_the_image_unchanged(runner, monkeypatch, tiny):
         return real_step(x, y, m, v, t, w, b, lr_bc1, *rest)
 
     monkeypatch.setattr(optimisation, "adam_step", counting)
-    out = runner.run(PROMPT, SEED, iv.InterventionSpec(dx=0, dy=0, edit_steps=EDIT_STEPS, iterations=16), SETTINGS)
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(dx=0, dy=0, edit_steps=EDIT_STEPS, iterations=16, order=order),
+                     SETTINGS)
     groups = {(s.height, s.width, s.channels) for s in tiny.registry().select(out.layers)}  # layers stacked by shape
-    assert len(steps_run) == 16 * len(groups) * len(EDIT_STEPS) and sum(steps_run) == 16 * 9 * len(EDIT_STEPS)
+    loops = len(groups) if order == "joint" else 9
+    assert len(steps_run) == 16 * loops * len(EDIT_STEPS) and sum(steps_run) == 16 * 9 * len(EDIT_STEPS)
+    assert out.metadata["order"] == order
     assert torch.equal(out.edited, out.original)
     assert out.success["latent_change"] == 0.0
     assert out.success["dice_to_target"] in (1.0, None)
@@ -242,6 +247,64 @@ def test_representation_on_a_fresh_forward_pass(shifted):
     assert abs(fresh["rmse_to_target"] - fresh["rmse_baseline"]) < 0.05 * fresh["rmse_baseline"]
     assert fresh["rmse_to_target"] > 10 * patched["rmse_to_target"]
     assert shifted.success["latent_change"] > 1e-3  # yet the latents the fresh pass started from had moved
+
+
+@pytest.fixture(scope="module")
+def both_orders(runner):
+    """One shift, both orders, one edited step (the study's sequential order is the default)."""
+    spec = {"dx": 32, "edit_steps": [0], "iterations": 32}
+    return {order: runner.run(PROMPT, SEED, iv.InterventionSpec(**spec, order=order), SETTINGS)
+            for order in ("sequential", "joint")}
+
+
+def test_sequential_is_the_default_order():
+    assert iv.InterventionSpec().order == "sequential" == iv.DEFAULT_ORDER
+
+
+def test_sequential_layers_see_the_edits_of_the_layers_before_them(both_orders, runner, monkeypatch):
+    """Sequential (the study's order): each layer is optimised on an activation from a forward
+    that carries the patches of the layers the forward reached before it. The first layer
+    (dec2.0) starts from the same activation in both orders, so its loss trajectory is the same;
+    every later decoder layer reads its predecessors' output, so it starts from a different
+    activation (a different initial loss) — and the image and latents differ between orders."""
+    seq, joint = both_orders["sequential"], both_orders["joint"]
+    assert seq.layers == joint.layers == list(iv.DEFAULT_LAYERS["foreground"])
+    first, *later = seq.layers
+    torch.testing.assert_close(seq.losses[0][first]["initial"], joint.losses[0][first]["initial"])
+    torch.testing.assert_close(seq.losses[0][first]["final"], joint.losses[0][first]["final"])
+    moved = [la for la in later if abs(seq.losses[0][la]["initial"] - joint.losses[0][la]["initial"])
+             > 1e-4 * abs(joint.losses[0][la]["initial"])]
+    assert moved == later
+    assert float((seq.edited_latents - joint.edited_latents).abs().max()) > 1e-3
+    assert float((seq.edited - joint.edited).abs().max()) > 1e-3
+    torch.testing.assert_close(seq.original, joint.original, rtol=0, atol=0)  # the unedited row is untouched
+    assert (seq.metadata["order"], joint.metadata["order"]) == ("sequential", "joint")
+
+    # one forward per edited layer at the edited step (plus the unpatched one before it)
+    import ldmprobe.generate as generate
+
+    calls = []
+    real = generate.Denoising.predict
+
+    def counting(self, patches=None):
+        calls.append(tuple(patches or ()))
+        return real(self, patches)
+
+    monkeypatch.setattr(generate.Denoising, "predict", counting)
+    runner.run(PROMPT, SEED, iv.InterventionSpec(dx=32, edit_steps=[0], iterations=1), SETTINGS)
+    layers = list(iv.DEFAULT_LAYERS["foreground"])
+    assert calls[:len(layers) + 1] == [(), *[tuple(layers[:k]) for k in range(1, len(layers) + 1)]]
+    assert len(calls) == SCENE_BANK_STEPS + len(layers)
+
+
+def test_one_layer_sequential_equals_joint(runner):
+    """With one edited layer there is nothing before it: the two orders are the same computation."""
+    spec = {"dx": 32, "edit_steps": [0, 1], "iterations": 16, "layers": ["dec3.1"]}
+    seq, joint = (runner.run(PROMPT, SEED, iv.InterventionSpec(**spec, order=o), SETTINGS)
+                  for o in ("sequential", "joint"))
+    assert torch.equal(seq.edited_latents, joint.edited_latents) and torch.equal(seq.edited, joint.edited)
+    assert seq.losses == joint.losses
+    assert float((seq.edited - seq.original).abs().max()) > 1e-3  # and it did edit
 
 
 def test_compiled_own_target_is_an_exact_no_op():
@@ -288,6 +351,7 @@ def test_label_model_is_run_on_both_images(sampler, scene_bank, tiny):
     (iv.InterventionSpec(lr=math.nan), "lr"),
     (iv.InterventionSpec(affine=[[0, 0, 0], [0, 0, 0]]), "affine"),
     (iv.InterventionSpec(eval_layer="dec9.9"), "eval_layer"),
+    (iv.InterventionSpec(order="parallel"), "order"),
 ])
 def test_bad_specs_name_the_field(runner, spec, field):
     with pytest.raises(iv.InterventionError) as err:
@@ -306,7 +370,7 @@ def test_cli_writes_panel_masks_result_and_sweep_gif(scene_bank, tmp_path, capsy
     out = tmp_path / "run"
     rc = main(["intervene", "--bank", str(scene_bank), "--prompt", PROMPT, "--seed", str(SEED), "--steps",
                str(SCENE_BANK_STEPS), "--dx", "24", "--edit-steps", "0-1", "--iterations", "16", "--sweep=-16:16:32",
-               "--out", str(out), "--no-progress"])
+               "--order", "joint", "--out", str(out), "--no-progress"])
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     assert Image.open(out / "panel.png").format == "PNG"
@@ -317,6 +381,7 @@ def test_cli_writes_panel_masks_result_and_sweep_gif(scene_bank, tmp_path, capsy
     result = json.loads((out / "result.json").read_text())
     assert result["edit_steps"] == [0, 1] and result["metadata"]["affine"] == [[1, 0, 24], [0, 1, 0]]
     assert set(result["losses"]) == {"0", "1"}
+    assert result["metadata"]["order"] == "joint"
     gif = Image.open(out / "sweep.gif")
     assert gif.n_frames == 2
     sweep = json.loads((out / "sweep.json").read_text())
@@ -331,6 +396,7 @@ def test_cli_writes_panel_masks_result_and_sweep_gif(scene_bank, tmp_path, capsy
     (["--layers", "dec9.9"], "--layers"),
     (["--property", "shading"], "--property"),
     (["--sweep", "1:2"], "sweep"),
+    (["--order", "sideways"], "--order"),
 ])
 def test_cli_bad_input_is_exit_2_with_one_line(scene_bank, tmp_path, capsys, extra, message):
     from ldmprobe.cli import main
@@ -341,3 +407,78 @@ def test_cli_bad_input_is_exit_2_with_one_line(scene_bank, tmp_path, capsys, ext
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+# --- the study's depth target (issue 13, item 7) ----------------------------------------------------
+def _depth_targets(runner, tiny, spec):
+    torch.manual_seed(3)
+    registry = tiny.registry(128, 128)
+    layers = ["enc1.0", "dec3.1"]
+    unedited = {la: torch.randn(registry[la].height * registry[la].width, registry[la].channels) for la in layers}
+    theta = iv.affine_theta(spec.pixel_affine(), 128, 128) if (spec.dx or spec.dy) else None
+    return registry, runner.layer_targets(spec, layers, 0, unedited, theta, registry), unedited
+
+
+def test_study_depth_target_is_minmax_scaled_to_nine_with_edge_fill(runner, tiny):
+    """protocol="study": the depth target is the warped map min-max scaled to [-9, 9] in the
+    probe's normalised units (the study's norm_intervention_target), uncovered pixels taking the
+    edge value; the ldmprobe protocol keeps the warped map's own scale; depth_target overrides."""
+    from ldmprobe.intervene.optimisation import raw_output
+
+    registry, study, unedited = _depth_targets(runner, tiny, iv.InterventionSpec(property="depth", dx=32,
+                                                                                 protocol="study"))
+    _, ours, _ = _depth_targets(runner, tiny, iv.InterventionSpec(property="depth", dx=32))
+    _, override, _ = _depth_targets(runner, tiny, iv.InterventionSpec(property="depth", dx=32, protocol="study",
+                                                                      depth_target="warp"))
+    for s, o, w in zip(study, ours, override, strict=True):
+        assert float(s.target.min()) == pytest.approx(-9.0) and float(s.target.max()) == pytest.approx(9.0)
+        h, wd = registry[s.layer].height, registry[s.layer].width
+        warped = o.target.reshape(h, wd)
+        lo, hi = warped.min(), warped.max()
+        torch.testing.assert_close(s.target.reshape(h, wd), (warped - lo) / (hi - lo) * 18 - 9)
+        # the uncovered left quarter (32 of 128 px) repeats the edge column of the shifted map
+        edge = wd // 4
+        torch.testing.assert_close(warped[:, :edge], warped[:, edge:edge + 1].expand(h, edge), atol=0.2, rtol=0)
+        assert float((o.target - s.target).abs().max()) > 1.0  # ours is not rescaled
+        torch.testing.assert_close(w.target, o.target)
+        own = raw_output(s.probe, unedited[s.layer])
+        assert float((o.target.reshape(h, wd)[:, edge + 1:] - own.reshape(h, wd)[:, 1:wd - edge]).abs().max()) < 1e-4
+
+    # a zero shift is then not a no-op (the rescale changes the map), as in the study
+    _, zero, _ = _depth_targets(runner, tiny, iv.InterventionSpec(property="depth", protocol="study"))
+    assert all(t.own is None and float(t.target.max()) == pytest.approx(9.0) for t in zero)
+
+
+def test_study_protocol_is_recorded_and_bad_values_name_the_field(runner):
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(property="depth", dx=16, protocol="study", edit_steps=[0],
+                                                       iterations=2, layers=["dec4.0"]), SETTINGS)
+    assert (out.metadata["protocol"], out.metadata["depth_target"]) == ("study", "minmax")
+    assert float(out.target_map.max() - out.target_map.min()) == pytest.approx(18 * float(
+        runner.bank.probe("depth", out.metadata["eval_layer"], out.metadata["eval_step"]).std[0]), rel=1e-4)
+    for spec, field in ((iv.InterventionSpec(protocol="paper"), "protocol"),
+                        (iv.InterventionSpec(depth_target="clip"), "depth_target")):
+        with pytest.raises(iv.InterventionError) as err:
+            runner.resolve(spec, SETTINGS)
+        assert err.value.field == field
+
+
+def test_study_protocol_refuses_a_schedule_the_bank_was_not_fitted_at(sampler, scene_bank, tiny):
+    """Bank steps follow exact timesteps: equal → the same step; different (fewer steps here, or
+    a recorded schedule that differs) → the nearest bank timestep under ldmprobe, recorded in the
+    metadata, and refused under the study protocol (InterventionError naming steps)."""
+    runner = iv.Intervention(sampler, ProbeBank.load(scene_bank, tiny))
+    exact = runner.step_mapping(SETTINGS)
+    assert exact["exact"] is True and exact["bank_steps"] == list(range(SCENE_BANK_STEPS))
+    fewer = GenerationSettings(steps=3)
+    with pytest.raises(iv.InterventionError) as err:
+        runner.resolve(iv.InterventionSpec(protocol="study", edit_steps=[0]), fewer)
+    assert err.value.field == "steps"
+    layers, steps, _, bank_steps = runner.resolve(iv.InterventionSpec(edit_steps=[0]), fewer)
+    assert bank_steps[0] == 0 and bank_steps[-1] == SCENE_BANK_STEPS - 1
+    out = runner.run(PROMPT, SEED, iv.InterventionSpec(edit_steps=[0], iterations=2, layers=["dec4.0"]), fewer)
+    assert out.metadata["step_mapping"]["exact"] is False and out.metadata["step_mapping"]["bank_steps"] == bank_steps
+    shifted = ProbeBank.load(scene_bank, tiny)
+    shifted.extra["timesteps"] = [t - 1.0 for t in exact["request_timesteps"]]  # recorded, and not ours
+    with pytest.raises(iv.InterventionError) as err:
+        iv.Intervention(sampler, shifted).resolve(iv.InterventionSpec(protocol="study"), SETTINGS)
+    assert err.value.field == "steps" and "differ" in str(err.value)

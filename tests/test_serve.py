@@ -405,6 +405,38 @@ def test_steps_map_to_the_nearest_bank_timestep(tiny):
     assert svc.map_steps("lms", 2) == [0, 14]  # 999, 0
 
 
+def test_protocol_study_refuses_timesteps_the_bank_was_not_fitted_at(tiny):
+    """A bank recording its exact timesteps (the fit job's `extra.timesteps`): a request at the
+    same timesteps is exact under both protocols; one at other timesteps is mapped to the
+    nearest (and says so in its metadata) under ldmprobe, and refused under study, a 400 naming
+    steps (or scheduler). The protocol is recorded in every answer."""
+    from ldmprobe.probes import ProbeBank, schedule_timesteps
+    from ldmprobe.serve.probe import ProbeService
+
+    svc0 = ProbeService(tiny, ProbeBank.random(tiny, properties=["foreground"], layers="dec4.0", steps=range(3),
+                                               scheduler="lms", num_steps=3), compile=False)
+    fitted = schedule_timesteps(svc0.sampler, "lms", 3)
+    # the bank was fitted on a schedule whose middle step differs (as a "leading"-spaced folder's would)
+    bank = ProbeBank.random(tiny, properties=["foreground"], layers="dec4.0", steps=range(3), scheduler="lms",
+                            num_steps=3)
+    bank.extra["timesteps"] = [fitted[0], fitted[1] - 100.0, fitted[2]]
+    svc = ProbeService(tiny, bank, compile=False)
+    base = {"prompt": "a red ball", "steps": 3, "height": 64, "width": 64, "return_steps": "all"}
+    same = svc0.handle([base | {"protocol": "study"}])[0]
+    assert same.status == 200, same.body
+    assert same.body["metadata"]["protocol"] == "study" and same.body["metadata"]["step_mapping"]["exact"] is True
+    mapped, refused, fewer = svc.handle([base, base | {"protocol": "study"}, base | {"steps": 2, "protocol": "study"}])
+    assert mapped.status == 200, mapped.body
+    meta = mapped.body["metadata"]
+    assert meta["protocol"] == "ldmprobe" and meta["step_mapping"]["exact"] is False
+    assert meta["step_mapping"]["bank_timesteps"] == bank.extra["timesteps"]
+    assert meta["step_mapping"]["bank_steps"] == [0, 1, 2]  # each step's nearest bank timestep
+    for out in (refused, fewer):
+        assert out.status == 400 and (out.body["error"], out.body["field"]) == ("invalid_request", "steps"), out.body
+    bad = svc.handle([base | {"protocol": "paper"}])[0]
+    assert bad.status == 400 and bad.body["field"] == "protocol"
+
+
 def test_default_layers_come_from_the_bank_metrics(service):
     assert service.bank.best_layers() == {"foreground": (BEST["foreground"], "bank_best"),
                                          "depth": (BEST["depth"], "bank_best"), "shading": ("dec4.0", "default")}

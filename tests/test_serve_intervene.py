@@ -8,6 +8,7 @@ second cold compile here would only add minutes."""
 from __future__ import annotations
 
 import base64
+import math
 import time
 
 import numpy as np
@@ -104,8 +105,19 @@ def test_served_intervention_equals_the_librarys(server, sampler, scene_bank, ti
     moved = np.round(half.target_map.clamp(0, 1).numpy() * 255)
     assert np.abs(png_array(body["masks"]["target"]["png"]) - moved).max() > 100
     assert body["layers"] == lib.layers and body["edit_steps"] == lib.edit_steps
-    assert body["losses"] == pytest.approx({str(k): v for k, v in lib.losses.items()}, rel=1e-3, abs=1e-6)
-    assert _numbers(body["success"]) == pytest.approx(_numbers(lib.success), rel=1e-3, abs=2e-3)
+    # flattened and compared leaf by leaf: this pytest's approx refuses nested dicts and strings
+    _close(_numbers(body["losses"]), _numbers({str(k): v for k, v in lib.losses.items()}), rel=1e-3, abs_=1e-6)
+    _close(_numbers(body["success"]), _numbers(lib.success), rel=1e-3, abs_=2e-3)
+
+
+def _close(served: dict, library: dict, rel: float, abs_: float) -> None:
+    assert set(served) == set(library)
+    for key, want in library.items():
+        got = served[key]
+        if isinstance(want, (int, float)) and not isinstance(want, bool):
+            assert math.isclose(got, want, rel_tol=rel, abs_tol=abs_), (key, got, want)
+        else:
+            assert got == want, (key, got, want)
 
 
 def _numbers(tree, prefix=""):
@@ -168,6 +180,7 @@ BAD = [
     ("height_not_multiple_of_8", BASE | {"height": 100}, "invalid_request", "height"),
     ("width_over_service_limit", BASE | {"width": 512}, "invalid_request", "width"),
     ("unknown_eval_layer", BASE | {"eval_layer": "dec9.9"}, "invalid_request", "eval_layer"),
+    ("unknown_order", BASE | {"order": "parallel"}, "invalid_request", "order"),
 ]
 
 
@@ -294,3 +307,31 @@ def test_service_needs_a_bank(tiny):
 
     with pytest.raises(ValueError, match="probe bank"):
         InterveneService.load("tiny", None)
+
+
+def test_order_field_in_process(service):
+    """`order` reaches the run and its answer's metadata (sequential by default); a bad value
+    is a 400 naming `order`, before any work."""
+    small = BASE | {"iterations": 4, "edit_steps": [0]}
+    default, joint, bad = service.handle([small, small | {"order": "joint"}, small | {"order": "parallel"}])
+    assert (default.status, joint.status) == (200, 200)
+    assert (default.body["metadata"]["order"], joint.body["metadata"]["order"]) == ("sequential", "joint")
+    assert default.body["images"]["edited"]["png"] != joint.body["images"]["edited"]["png"]
+    assert bad.status == 400 and (bad.body["error"], bad.body["field"]) == ("invalid_request", "order")
+    assert default.body["metadata"]["protocol"] == "ldmprobe"
+
+
+def test_protocol_field_in_process(service):
+    """`protocol` is recorded in the answer; under study a depth target is min-max scaled to
+    [-9, 9] (depth_target overrides), and a schedule the bank was not fitted at is refused."""
+    depth = BASE | {"property": "depth", "iterations": 2, "edit_steps": [0], "layers": ["dec4.0"]}
+    study, override, fewer, bad = service.handle([depth | {"protocol": "study"},
+                                                  depth | {"protocol": "study", "depth_target": "warp"},
+                                                  depth | {"protocol": "study", "steps": 3},
+                                                  depth | {"depth_target": "clip"}])
+    assert (study.status, override.status) == (200, 200), (study.body, override.body)
+    assert (study.body["metadata"]["protocol"], study.body["metadata"]["depth_target"]) == ("study", "minmax")
+    assert override.body["metadata"]["depth_target"] == "warp"
+    assert study.body["metadata"]["step_mapping"]["exact"] is True
+    assert fewer.status == 400 and fewer.body["field"] == "steps", fewer.body
+    assert bad.status == 400 and bad.body["field"] == "depth_target"

@@ -19,7 +19,9 @@ from .runner import (
     first_steps,
 )
 from .weights import (
+    CAFFE_BGR_MEAN,
     DEFAULT_CLASSIFIER,
+    PREPROCESSINGS,
     RANDOM,
     VGG_ARCH,
     ImageClassifier,
@@ -28,7 +30,7 @@ from .weights import (
     load_vgg16,
 )
 
-__all__ = ["CONFIDENCE", "DEFAULT_CLASSIFIER", "DEFAULT_TINY_DECODER", "MAX_TOP_K", "RANDOM", "VGG_ARCH",
+__all__ = ["CAFFE_BGR_MEAN", "CONFIDENCE", "DEFAULT_CLASSIFIER", "PREPROCESSINGS", "DEFAULT_TINY_DECODER", "MAX_TOP_K", "RANDOM", "VGG_ARCH",
            "Classification", "ClassInfo", "ClassScore", "ClassifyError", "ClassifyResponse", "ImageClassifier",
            "ImageNetClass", "LatentDecoder", "StepClassifier", "StepPrediction", "UnknownClassError",
            "WeightsSourceError", "_timm_vgg_names", "curve_classes", "first_steps", "imagenet_class",

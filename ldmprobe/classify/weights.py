@@ -87,27 +87,49 @@ def _vgg_weights_file(source: str) -> Path:
     raise WeightsSourceError(f"classifier weights {source!r} do not exist (a file, a folder, a hub id, or '{RANDOM}')")
 
 
-class ImageClassifier:
-    """VGG-16 with the preprocessing its weights expect (size, interpolation, mean/std from
-    timm's pretrained config). Images are resized whole (shorter side to the input size, centre
-    crop only for non-square images): no crop_pct margin, so a generated object that fills the
-    frame stays in it, for generated and real images alike."""
+PREPROCESSINGS = ("timm", "caffe")
+# Keras' VGG-16 (Caffe weights): BGR channel means in 0–255 (keras.applications.imagenet_utils, mode "caffe")
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
-    def __init__(self, module: torch.nn.Module, source: str, random_weights: bool, input_size: int | None = None):
+
+class ImageClassifier:
+    """VGG-16 with the preprocessing its weights expect.
+
+    "timm" (default): size, interpolation, mean/std from timm's pretrained config; images are
+    resized whole (shorter side to the input size, centre crop only for non-square images): no
+    crop_pct margin, so a generated object that fills the frame stays in it.
+    "caffe": what the capstone did with Keras' VGG-16 (Caffe weights) on its saved PNGs: values
+    quantised to 8 bits (a PNG), the whole image resized to S×S with nearest neighbour (Keras'
+    `load_img(target_size=…)`, PIL's NEAREST), RGB → BGR, the ImageNet BGR means subtracted in
+    0–255, no division by a std. Meant for Caffe-converted weights; its curves are not
+    numerically comparable with timm's `vgg16.tv_in1k` under "timm"."""
+
+    def __init__(self, module: torch.nn.Module, source: str, random_weights: bool, input_size: int | None = None,
+                 preprocessing: str = "timm"):
         from timm.data import resolve_data_config
 
+        if preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"unknown preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSINGS)}")
         self.module, self.source, self.random_weights = module, source, random_weights
+        self.preprocessing = preprocessing
         cfg = resolve_data_config({}, model=module)
         # input_size overrides the weights' size only to make random-weight tests cheap
         self.input_size = int(input_size or cfg["input_size"][-1])
         self.interpolation = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bilinear"
         param = next(module.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        if preprocessing == "caffe":
+            self.interpolation = "nearest"
+            self.mean = torch.tensor(CAFFE_BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.ones(1, 3, 1, 1, device=self.device)
+        else:
+            self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [0, 1] → normalised [N, 3, S, S] in the classifier's dtype."""
+        if self.preprocessing == "caffe":
+            return self._caffe(images)
         x = images.to(self.device, torch.float32)
         h, w = x.shape[-2:]
         s = self.input_size
@@ -118,6 +140,13 @@ class ImageClassifier:
         top, left = (size[0] - s) // 2, (size[1] - s) // 2
         x = x[..., top:top + s, left:left + s].clamp(0, 1)
         return ((x - self.mean) / self.std).to(self.dtype)
+
+    def _caffe(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.to(self.device, torch.float32).clamp(0, 1) * 255).round()  # the PNG's 8-bit values
+        s = self.input_size
+        if tuple(x.shape[-2:]) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="nearest-exact")  # PIL's NEAREST (pixel centres)
+        return (x.flip(1) - self.mean).to(self.dtype)  # RGB → BGR, minus the BGR means, no std
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,6 +161,7 @@ class ImageClassifier:
 
     def metadata(self) -> dict[str, Any]:
         meta = {"arch": VGG_ARCH, "weights": self.source, "random_weights": self.random_weights,
+                "preprocessing": self.preprocessing,
                 "input_size": self.input_size, "interpolation": self.interpolation,
                 "mean": [round(float(v), 4) for v in self.mean.flatten()],
                 "std": [round(float(v), 4) for v in self.std.flatten()], "dtype": str(self.dtype).removeprefix("torch.")}
@@ -141,9 +171,13 @@ class ImageClassifier:
 
 
 def load_vgg16(source: str | Path = DEFAULT_CLASSIFIER, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> ImageClassifier:
+               dtype: torch.dtype = torch.float32, preprocessing: str = "timm") -> ImageClassifier:
     """timm's vgg16.tv_in1k from a local file (safetensors, or a torchvision / timm .pth state
-    dict), a folder holding model.safetensors, a hub id, or ``random`` (seeded random init)."""
+    dict), a folder holding model.safetensors, a hub id, or ``random`` (seeded random init).
+    preprocessing: "timm" (the weights' own) or "caffe" (Keras' VGG-16, as the capstone; see
+    `ImageClassifier`)."""
+    if preprocessing not in PREPROCESSINGS:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSINGS)}")
     import timm
 
     source = str(source)
@@ -165,4 +199,4 @@ def load_vgg16(source: str | Path = DEFAULT_CLASSIFIER, device: str | torch.devi
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of wrong shape (e.g. {wrong[:2]})")
         module.load_state_dict(sd, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return ImageClassifier(module, source, source == RANDOM)
+    return ImageClassifier(module, source, source == RANDOM, preprocessing=preprocessing)

@@ -16,9 +16,11 @@ _WHERE = {
     "optimisation": ("ADAM_EPS", "BETAS", "LayerTarget", "Optimised", "adam_step", "compiled_adam_step", "optimise",
                  "optimise_reference", "raw_output", "resolve_loss", "to_raw", "to_units"),
     "run": ("Intervention", "InterventionResult"),
-    "spec": ("DEFAULT_ITERATIONS", "DEFAULT_LAYERS", "DEFAULT_LR", "DEFAULT_STEPS", "MASK_THRESHOLD", "PROPERTIES",
-             "InterventionError", "InterventionSpec", "LossName", "Property", "shift_range", "translation"),
-    "target": ("affine_theta", "is_identity", "resize_mask", "transform_maps"),
+    "spec": ("DEFAULT_ITERATIONS", "DEFAULT_LAYERS", "DEFAULT_LR", "DEFAULT_ORDER", "DEFAULT_STEPS", "DEPTH_TARGETS",
+             "MASK_THRESHOLD", "ORDERS", "PROPERTIES", "PROTOCOL_NAMES", "STUDY_DEPTH_HALF_RANGE", "DepthTarget",
+             "InterventionError", "InterventionSpec", "LossName", "Order", "Property", "ProtocolName",
+             "shift_range", "translation"),
+    "target": ("affine_theta", "is_identity", "minmax_scale", "resize_mask", "transform_maps"),
 }
 _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE)
@@ -44,17 +46,25 @@ if TYPE_CHECKING:
         DEFAULT_ITERATIONS,
         DEFAULT_LAYERS,
         DEFAULT_LR,
+        DEFAULT_ORDER,
         DEFAULT_STEPS,
+        DEPTH_TARGETS,
         MASK_THRESHOLD,
+        ORDERS,
         PROPERTIES,
+        PROTOCOL_NAMES,
+        STUDY_DEPTH_HALF_RANGE,
+        DepthTarget,
         InterventionError,
         InterventionSpec,
         LossName,
+        Order,
         Property,
+        ProtocolName,
         shift_range,
         translation,
     )
-    from .target import affine_theta, is_identity, resize_mask, transform_maps  # noqa: F401
+    from .target import affine_theta, is_identity, minmax_scale, resize_mask, transform_maps  # noqa: F401
 
 
 def __getattr__(name: str):

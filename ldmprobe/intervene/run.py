@@ -12,10 +12,16 @@ Choices that differ from the reference code, and why:
   translated. A zero shift is therefore an exact no-op (gradient 0), and the target follows the
   probe as its prediction sharpens over the steps instead of freezing an early, blurry one.
   A user mask replaces it (area-averaged to each layer's resolution).
-- All edited layers of a step are optimised together in ONE loop: layers of equal shape are
-  stacked and go through one batched matmul, and the per-layer losses are summed. Adam is
-  element-wise and the layers' losses are independent, so every layer follows exactly the
-  trajectory of its own one-layer loop (`optimise_reference`), at a fraction of the launches.
+- Two orders (`spec.order`). "sequential" (default; the study's method, which edits inside the
+  forward with hooks): at each edited step the layers are taken in the order the forward reaches
+  them, and each is optimised on its activation from a forward that already carries the patches
+  of the layers before it — one forward per edited layer plus the final one, through the same
+  capture/patching path. "joint" (faster: one extra forward per step): all edited layers are
+  optimised on the step's unpatched forward in ONE loop: layers of equal shape are stacked and
+  go through one batched matmul. Adam is element-wise and the layers' losses are independent, so
+  every layer follows exactly the trajectory of its own one-layer loop (`optimise_reference`).
+  The two differ wherever a layer reads the output of an earlier edited one; with one edited
+  layer they are the same computation.
 - Losses live in the probe's raw output space: binary cross-entropy on logits for sigmoid mask
   probes (the study's choice), squared error for mask probes fitted by regression (the ridge
   banks of `training/`: the loss they were fitted with), Huber for continuous maps (depth).
@@ -40,12 +46,22 @@ from typing import Any
 import torch
 
 from ..generate import Sampler
-from ..probes import ProbeBank
+from ..probes import ProbeBank, schedule_timesteps
 from ..schemas import GenerationSettings
 from .measures import measure, representation_success
 from .optimisation import LayerTarget, optimise, raw_output, resolve_loss, to_raw, to_units
-from .spec import DEFAULT_LAYERS, DEFAULT_STEPS, PROPERTIES, InterventionError, InterventionSpec
-from .target import affine_theta, is_identity, resize_mask, transform_maps
+from .spec import (
+    DEFAULT_LAYERS,
+    DEFAULT_STEPS,
+    DEPTH_TARGETS,
+    ORDERS,
+    PROPERTIES,
+    PROTOCOL_NAMES,
+    STUDY_DEPTH_HALF_RANGE,
+    InterventionError,
+    InterventionSpec,
+)
+from .target import affine_theta, is_identity, minmax_scale, resize_mask, transform_maps
 
 
 @dataclass
@@ -66,6 +82,13 @@ class InterventionResult:
     timings_s: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
     label_maps: dict[str, torch.Tensor] | None = None  # label model's maps of both images, when configured
+
+
+def _short(timesteps: list[float] | None) -> str:
+    if not timesteps:
+        return "(none recorded)"
+    shown = ", ".join(f"{t:g}" for t in timesteps[:4])
+    return f"[{shown}{', …' if len(timesteps) > 4 else ''}] ({len(timesteps)})"
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -107,7 +130,7 @@ class Intervention:
         if bad:
             raise InterventionError(f"edit step(s) {bad} outside 0–{settings.steps - 1}", "edit_steps")
         steps = sorted({int(s) for s in steps})
-        bank_steps = self.bank_steps(settings)
+        bank_steps = self.bank_steps(settings, spec.protocol)
         for s in steps:
             for la in layers:
                 if not bank.has(prop, la, bank_steps[s]):
@@ -118,6 +141,12 @@ class Intervention:
             raise InterventionError(f"no {prop} probe for the evaluation layer {eval_layer} at the last step", "eval_layer")
         if not (math.isfinite(spec.lr) and spec.lr > 0):
             raise InterventionError(f"lr must be a positive number, got {spec.lr}", "lr")
+        if spec.order not in ORDERS:
+            raise InterventionError(f"unknown order {spec.order!r}; use sequential or joint", "order")
+        if spec.protocol not in PROTOCOL_NAMES:
+            raise InterventionError(f"unknown protocol {spec.protocol!r}; use ldmprobe or study", "protocol")
+        if spec.depth_target is not None and spec.depth_target not in DEPTH_TARGETS:
+            raise InterventionError(f"unknown depth_target {spec.depth_target!r}; use warp or minmax", "depth_target")
         if spec.iterations < 0:
             raise InterventionError(f"iterations must be >= 0, got {spec.iterations}", "iterations")
         affine_theta(spec.pixel_affine(), settings.height or self.sampler.model.default_size,
@@ -126,14 +155,29 @@ class Intervention:
             resolve_loss(bank.probe(prop, layer, bank_steps[steps[0]]), spec.loss)
         return layers, steps, eval_layer, bank_steps
 
-    def bank_steps(self, settings: GenerationSettings) -> list[int]:
-        """The bank step of each request step (the bank's policy: `ProbeBank.step_map`)."""
-        return self.bank.step_map(self.sampler.model, settings.scheduler, settings.steps)
+    def step_mapping(self, settings: GenerationSettings) -> dict[str, Any]:
+        """The request's exact timesteps against the bank's (`ProbeBank.timestep_mapping`)."""
+        ours = schedule_timesteps(self.sampler, settings.scheduler, settings.steps)
+        return self.bank.timestep_mapping(ours, self.sampler.model)
+
+    def bank_steps(self, settings: GenerationSettings, protocol: str = "ldmprobe") -> list[int]:
+        """The bank step of each request step: the same step when the timesteps agree, else the
+        bank's nearest timestep — which the study protocol refuses (its probes belong to the
+        exact steps they were fitted at): InterventionError naming scheduler or steps."""
+        mapping = self.step_mapping(settings)
+        if mapping["exact"] is False and protocol == "study":
+            field = "scheduler" if self.bank.scheduler and settings.scheduler != self.bank.scheduler else "steps"
+            raise InterventionError(
+                f"the request's timesteps {_short(mapping['request_timesteps'])} differ from the probe bank's "
+                f"{_short(mapping['bank_timesteps'])}; the study protocol does not map steps (protocol 'ldmprobe' maps "
+                "each step to the bank's nearest timestep)", field)
+        return mapping["bank_steps"]
 
     def layer_targets(self, spec: InterventionSpec, layers: list[str], bank_step: int, unedited: Mapping[str, torch.Tensor],
                       theta: torch.Tensor | None, registry) -> list[LayerTarget]:
         """Per layer: the probe's own map of the unedited row, warped (or the user mask, resized)."""
         fill = 0.0 if spec.property == "foreground" else None
+        minmax = spec.property == "depth" and spec.resolved_depth_target() == "minmax"
         out = []
         for layer in layers:
             probe = self.bank.probe(spec.property, layer, bank_step)
@@ -145,14 +189,37 @@ class Intervention:
             else:
                 raw = raw_output(probe, unedited[layer].float())  # [HW]
                 own = to_units(probe, raw)
-                if theta is None:  # no warp: the probe's own output, recomputed exactly in optimise
+                if theta is None and not minmax:  # no warp: the probe's own output, recomputed exactly in optimise
                     units, target = own, (torch.sigmoid(raw) if loss == "bce" else raw)
                 else:
-                    units = transform_maps(own.reshape(1, shape.height, shape.width), theta, fill).flatten()
+                    units = own if theta is None else transform_maps(own.reshape(1, shape.height, shape.width),
+                                                                     theta, fill).flatten()
                     target = to_raw(probe, units, loss)
-            source = unedited[layer] if (theta is None and spec.target_mask is None) else None
+                    if minmax:  # the study's: [-9, 9] in the probe's normalised units
+                        target = minmax_scale(to_raw(probe, units, "huber"), STUDY_DEPTH_HALF_RANGE)
+                        units = target * probe.std[0] + probe.mean[0]
+            source = unedited[layer] if (theta is None and spec.target_mask is None and not minmax) else None
             out.append(LayerTarget(layer, probe, target.detach(), loss, units.detach(), source))
         return out
+
+    def _sequential(self, run, acts: Mapping[str, torch.Tensor], targets: list[LayerTarget],
+                    spec: InterventionSpec) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]], float]:
+        """The study's order at one step: `targets` in execution order; layer k is optimised on
+        its edited-row activation from a forward carrying the patches of layers 0…k-1 (the first
+        on the step's unpatched forward, `acts`). Returns the patches, losses and optimiser time.
+        The targets stay those of the unedited row (row 0, which no patch touches)."""
+        patches: dict[str, torch.Tensor] = {}
+        losses: dict[str, dict[str, float]] = {}
+        seconds = 0.0
+        for k, tgt in enumerate(targets):
+            if k:
+                _, acts = run.predict(patches)
+            result = optimise({tgt.layer: acts[tgt.layer][1]}, [tgt], spec.lr, spec.iterations,
+                              compiled=self.compile_optimiser)
+            seconds += result.seconds
+            losses[tgt.layer] = {"initial": result.initial_loss[tgt.layer], "final": result.final_loss[tgt.layer]}
+            patches[tgt.layer] = result.activations[tgt.layer][None].to(self.sampler.model.dtype)
+        return patches, losses, seconds
 
     def run(self, prompt: str, seed: int, spec: InterventionSpec, settings: GenerationSettings | None = None,
             progress: bool = False) -> InterventionResult:
@@ -162,6 +229,7 @@ class Intervention:
         model = self.sampler.model
         height, width = settings.height or model.default_size, settings.width or model.default_size
         layers, steps, eval_layer, bank_steps = self.resolve(spec, settings)
+        mapping = self.step_mapping(settings)
         affine = spec.pixel_affine()
         theta = None if (spec.target_mask is not None or is_identity(affine)) else affine_theta(affine, height, width)
         registry = model.registry(height, width)
@@ -184,12 +252,16 @@ class Intervention:
                 bank_step = bank_steps[index]
                 unedited = {la: acts[la][0] for la in layers}
                 targets = self.layer_targets(spec, layers, bank_step, unedited, theta, registry)
-                result = optimise({la: acts[la][1] for la in layers}, targets, spec.lr, spec.iterations,
-                                  compiled=self.compile_optimiser)
-                optimise_s += result.seconds
-                losses[index] = {la: {"initial": result.initial_loss[la], "final": result.final_loss[la]}
-                                 for la in layers}
-                patches = {la: result.activations[la][None].to(model.dtype) for la in layers}
+                if spec.order == "joint":
+                    result = optimise({la: acts[la][1] for la in layers}, targets, spec.lr, spec.iterations,
+                                      compiled=self.compile_optimiser)
+                    optimise_s += result.seconds
+                    losses[index] = {la: {"initial": result.initial_loss[la], "final": result.final_loss[la]}
+                                     for la in layers}
+                    patches = {la: result.activations[la][None].to(model.dtype) for la in layers}
+                else:
+                    patches, losses[index], seconds = self._sequential(run, acts, targets, spec)
+                    optimise_s += seconds
                 noise, acts = run.predict(patches)
                 # what the probes read from the representation actually used (captured after patching)
                 edit_record = (index, targets, unedited, {la: acts[la][1] for la in layers})
@@ -210,6 +282,9 @@ class Intervention:
             target_map = original_map.clone()
         else:
             target_map = transform_maps(original_map[None], theta, 0.0 if spec.property == "foreground" else None)[0]
+        if spec.property == "depth" and spec.resolved_depth_target() == "minmax":
+            norm = (target_map - probe.mean[0]) / probe.std[0]
+            target_map = minmax_scale(norm, STUDY_DEPTH_HALF_RANGE) * probe.std[0] + probe.mean[0]
         label_maps = None
         if self.label_model is not None:
             with torch.no_grad():
@@ -227,6 +302,10 @@ class Intervention:
             "property": spec.property, "affine": affine, "lr": spec.lr, "iterations": spec.iterations,
             "loss": {la: resolve_loss(self.bank.probe(spec.property, la, bank_steps[steps[0]]), spec.loss)
                      for la in layers},
+            "order": spec.order, "protocol": spec.protocol,
+            "step_mapping": {"exact": mapping["exact"], "bank_timesteps": mapping["bank_timesteps"],
+                             "bank_steps": mapping["bank_steps"]},
+            "depth_target": spec.resolved_depth_target() if spec.property == "depth" else None,
             "eval_layer": eval_layer, "eval_step": last, "bank_steps": [bank_steps[s] for s in steps],
             "target": "user mask" if spec.target_mask is not None else "own probe map of the unedited row, warped",
             "rows": "row 0 unedited, row 1 edited (one batch)",

@@ -12,7 +12,17 @@ if TYPE_CHECKING:  # the spec is imported by the CLI to build its parser: it sta
 
 Property = Literal["foreground", "depth"]
 LossName = Literal["auto", "bce", "mse", "huber"]
+Order = Literal["sequential", "joint"]
+ProtocolName = Literal["ldmprobe", "study"]
+DepthTarget = Literal["warp", "minmax"]
+PROTOCOL_NAMES = ("ldmprobe", "study")
+DEPTH_TARGETS = ("warp", "minmax")
+# The study's depth target (norm_intervention_target, guide_scale 18): the translated depth
+# min-max scaled to [-9, 9] in the probe's normalised units.
+STUDY_DEPTH_HALF_RANGE = 9.0
 PROPERTIES = ("foreground", "depth")
+ORDERS = ("sequential", "joint")
+DEFAULT_ORDER: Order = "sequential"
 DEFAULT_LAYERS = {
     "foreground": ("dec2.0", "dec2.1", "dec2.2", "dec3.0", "dec3.1", "dec3.2", "dec4.0", "dec4.1", "dec4.2"),
     "depth": "all",
@@ -52,6 +62,22 @@ class InterventionSpec:
     iterations: int = DEFAULT_ITERATIONS
     loss: LossName = "auto"
     eval_layer: str | None = None  # None: the bank's best layer for the property at its last step
+    # "sequential" (the study's): at each edited step the layers are edited in the order the
+    # forward reaches them, each optimised on an activation that already reflects the edits of
+    # the layers before it (one forward per layer). "joint": all layers of a step optimised on
+    # the step's unpatched forward in one batched loop (one forward; faster, not the study's).
+    order: Order = DEFAULT_ORDER
+    # Which protocol's behaviours the unset options take: "study" reproduces the study's code.
+    protocol: ProtocolName = "ldmprobe"
+    # Depth only. "warp": the warped map as it is (a zero shift is a no-op). "minmax" (the
+    # study's): the warped map (uncovered pixels take the edge value) min-max scaled to
+    # [-9, 9] in the probe's normalised units. None: "minmax" under the study protocol, else "warp".
+    depth_target: DepthTarget | None = None
+
+    def resolved_depth_target(self) -> str:
+        if self.depth_target is not None:
+            return self.depth_target
+        return "minmax" if self.protocol == "study" else "warp"
 
     def pixel_affine(self) -> list[list[float]]:
         return [list(map(float, row)) for row in self.affine] if self.affine is not None else translation(self.dx, self.dy)

@@ -47,3 +47,13 @@ def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if height <= mask.shape[0] and width <= mask.shape[1]:
         return F.interpolate(x, size=(height, width), mode="area")[0, 0]
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+def minmax_scale(values: torch.Tensor, half_range: float) -> torch.Tensor:
+    """Min-max scale to [-half_range, half_range] (the study's depth target: half_range 9, in the
+    probe's normalised units). A constant map goes to 0 (the study would divide by zero)."""
+    lo, hi = values.min(), values.max()
+    span = hi - lo
+    if float(span) <= 0:
+        return torch.zeros_like(values)
+    return (values - lo) / span * (2 * half_range) - half_range

@@ -8,6 +8,7 @@ from .bank import (
     STANDARD_PROPERTIES,
     Probe,
     ProbeBank,
+    schedule_timesteps,
     tensor_name,
 )
 from .format import CAPTURE_POINT, FORMAT, METADATA_KEY, VERSION, LayerShape, ProbeBankError
@@ -15,4 +16,4 @@ from .heads import MODES, ProbeMaps, grey_map
 
 __all__ = ["CAPTURE_POINT", "DEFAULT_LAYER", "FORMAT", "KINDS", "METADATA_KEY", "MODES", "PRIMARY_METRIC",
            "STANDARD_PROPERTIES", "VERSION", "LayerShape", "Probe", "ProbeBank", "ProbeBankError", "ProbeMaps",
-           "grey_map", "tensor_name"]
+           "grey_map", "schedule_timesteps", "tensor_name"]

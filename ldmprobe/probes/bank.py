@@ -85,6 +85,17 @@ def _fmt_steps(steps: Sequence[int]) -> str:
     return ", ".join(map(str, steps)) or "none"
 
 
+def schedule_timesteps(sampler, scheduler: str, steps: int) -> list[float]:
+    """The exact timesteps a `steps`-step `scheduler` run of `sampler` (a Sampler) uses, with the
+    sampler's timestep spacing when it has one."""
+    from ..generate import make_scheduler
+
+    spacing = getattr(sampler, "timestep_spacing", None)
+    sched = make_scheduler(sampler.model, scheduler, spacing) if spacing else make_scheduler(sampler.model, scheduler)
+    sched.set_timesteps(steps)
+    return [float(t) for t in sched.timesteps]
+
+
 # --- the bank ---------------------------------------------------------------------------------
 class ProbeBank(BankFile, ProbeHeads):
     """Probes of one model, keyed by (property, layer, step), plus how they were made."""
@@ -290,6 +301,35 @@ class ProbeBank(BankFile, ProbeHeads):
             ours, theirs = times(scheduler, steps), times(self.scheduler, self.num_steps)
             self._step_maps[key] = [min(range(len(theirs)), key=lambda j: (abs(theirs[j] - t), j)) for t in ours]
         return list(self._step_maps[key])
+
+    def recorded_timesteps(self, model=None) -> list[float] | None:
+        """The exact timesteps the bank was fitted at: recorded by the fit job (`extra.timesteps`),
+        else those of its scheduler and step count on `model` (None when it records neither)."""
+        recorded = self.extra.get("timesteps")
+        if recorded:
+            return [float(t) for t in recorded]
+        if not self.scheduler or not self.num_steps or model is None:
+            return None
+        from ..generate import make_scheduler
+
+        sched = make_scheduler(model, self.scheduler)
+        sched.set_timesteps(self.num_steps)
+        return [float(t) for t in sched.timesteps]
+
+    def timestep_mapping(self, request_timesteps: Sequence[float], model=None) -> dict[str, Any]:
+        """How a request's exact timesteps meet the bank's: `exact` (equal, to 1e-3: bank step i
+        for request step i), else each request step mapped to the bank step of the nearest
+        timestep. `exact` is None when the bank records no schedule (then step i for step i).
+        A caller that must not map (the study protocol) refuses when `exact` is False."""
+        ours = [float(t) for t in request_timesteps]
+        theirs = self.recorded_timesteps(model)
+        if theirs is None:
+            return {"exact": None, "request_timesteps": ours, "bank_timesteps": None,
+                    "bank_steps": list(range(len(ours)))}
+        exact = len(ours) == len(theirs) and all(abs(a - b) <= 1e-3 for a, b in zip(ours, theirs, strict=True))
+        steps = (list(range(len(ours))) if exact else
+                 [min(range(len(theirs)), key=lambda j: (abs(theirs[j] - t), j)) for t in ours])
+        return {"exact": exact, "request_timesteps": ours, "bank_timesteps": theirs, "bank_steps": steps}
 
     def file_sha256(self) -> str | None:
         """sha256 of the file the bank was loaded from (None for a bank built in memory)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -66,6 +66,9 @@ class ClassifyConfig(ServiceConfig):
                             description='VGG-16 weights: file, folder or hub id; "random" only when asked')
     tiny_decoder: str = Field("", json_schema_extra=PATH,
                               description='AutoencoderTiny (TAESD) folder or hub id, "random", or "" = none')
+    preprocessing: Literal["timm", "caffe"] = Field(
+        "timm", description="timm: the weights' own (vgg16.tv_in1k); caffe: Keras' VGG-16 as the capstone (8-bit, "
+                            "nearest resize, BGR, ImageNet means in 0-255, no std), for Caffe-converted weights")
     input_size: int = Field(0, ge=0, description="classifier input side; 0 = the weights' own (224); smaller: tests")
     chunk_size: int = Field(8, ge=1, description="images per decoder + VGG-16 call")
     max_image_bytes: int = Field(0, ge=0, description="largest real image in bytes; 0 = 20 MiB")
@@ -128,9 +131,10 @@ class ClassifyService(Service):
         the model's device and dtype. input_size overrides the classifier's input side: only to
         make random-weight tests cheap (the weights' own size otherwise)."""
         sd = load_model(config.model, device=config.device, dtype=config.dtype, attention=config.attention)
-        vgg = load_vgg16(config.classifier, sd.device, sd.dtype)
+        vgg = load_vgg16(config.classifier, sd.device, sd.dtype, preprocessing=config.preprocessing)
         if config.input_size:
-            vgg = ImageClassifier(vgg.module, vgg.source, vgg.random_weights, input_size=config.input_size)
+            vgg = ImageClassifier(vgg.module, vgg.source, vgg.random_weights, input_size=config.input_size,
+                                  preprocessing=config.preprocessing)
         tiny = make_decoder(sd, "tiny", config.tiny_decoder) if config.tiny_decoder else None
         return cls(sd, vgg, config, tiny_decoder=tiny, **kwargs)
 
@@ -213,6 +217,7 @@ class ClassifyService(Service):
         req, result = job.request, done.result
         result.top_k = req.top_k
         meta = self.metadata(result, done.runner, batch.requests, done.rows, done.padded, done.row)
+        meta["protocol"] = req.protocol
         validate_ms = round(batch.validate_s * 1e3, 2)
         if job.is_image:
             meta["settings"] = {"image_size": [job.height, job.width]}

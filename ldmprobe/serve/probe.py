@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from ..generate import StepOutput, to_pil
 from ..models import SDModel, load_model
-from ..probes import Probe, ProbeBank, ProbeMaps
+from ..probes import Probe, ProbeBank, ProbeMaps, schedule_timesteps
 from ..probes.heads import upsample
 from .base import PATH, Batch, RequestError, Service, ServiceConfig, b64, check_generation, map_png, png_b64
 from .schemas import ArrayPayload, ImagePayload, ProbeMap, ProbeRequest, ProbeResponse, StepResult
@@ -65,6 +65,7 @@ class _Plan:
     width: int
     steps: list[StepResult] = field(default_factory=list)
     probe_s: float = 0.0
+    step_mapping: dict[str, Any] = field(default_factory=dict)  # request timesteps against the bank's
 
 
 @dataclass
@@ -141,7 +142,14 @@ class ProbeService(Service):
         else:
             layers = {p: [self.defaults[p][0]] for p in props}
             choice = {p: self.defaults[p][1] for p in props}
-        bank_steps = self.map_steps(req.scheduler, req.steps)
+        mapping = self.step_mapping(req.scheduler, req.steps)
+        if mapping["exact"] is False and req.protocol == "study":
+            field_ = "scheduler" if bank.scheduler and req.scheduler != bank.scheduler else "steps"
+            raise RequestError("invalid_request", field_,
+                               f"the request's {req.steps} {req.scheduler} timesteps differ from those the probe bank "
+                               f"was fitted at ({bank.num_steps} {bank.scheduler}); the study protocol does not map "
+                               "steps (protocol 'ldmprobe' maps each step to the bank's nearest timestep)")
+        bank_steps = mapping["bank_steps"]
         for step in req.step_indices():
             j = bank_steps[step]
             for prop, lays in layers.items():
@@ -151,11 +159,17 @@ class ProbeService(Service):
                         raise RequestError("probe_unavailable", where,
                                            f"the probe bank has no probe for property {prop!r} on layer {layer!r} at "
                                            f"bank step {j} (request step {step}); it holds {bank.describe()}")
-        return _Plan(index, req, layers, choice, {s: bank_steps[s] for s in req.step_indices()}, height, width)
+        return _Plan(index, req, layers, choice, {s: bank_steps[s] for s in req.step_indices()}, height, width,
+                     step_mapping={k: mapping[k] for k in ("exact", "bank_timesteps", "bank_steps")})
+
+    def step_mapping(self, scheduler: str, steps: int) -> dict[str, Any]:
+        """The request's exact timesteps against the bank's (`ProbeBank.timestep_mapping`): the same
+        step when they agree, else the bank's step of the nearest timestep."""
+        return self.bank.timestep_mapping(schedule_timesteps(self.sampler, scheduler, steps), self.model)
 
     def map_steps(self, scheduler: str, steps: int) -> list[int]:
-        """Bank step for each step of the request's schedule (`ProbeBank.step_map`)."""
-        return self.bank.step_map(self.model, scheduler, steps)
+        """Bank step for each step of the request's schedule (see `step_mapping`)."""
+        return self.step_mapping(scheduler, steps)["bank_steps"]
 
     def group_key(self, plan: _Plan) -> tuple:
         return plan.request.shape_key()
@@ -255,6 +269,8 @@ class ProbeService(Service):
                         "attention": self.model.attention, "probe_backend": ",".join(sorted(gen.backends)) or None,
                         "capture": self.config.capture},
             "compiled": self.compiled,
+            "protocol": req.protocol,
+            "step_mapping": plan.step_mapping,
             "settings": {"prompt": req.prompt, "seed": req.seed, "steps": req.steps, "guidance": req.guidance,
                          "height": plan.height, "width": plan.width, "scheduler": req.scheduler,
                          "timesteps": gen.timesteps},

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..classify import MAX_TOP_K, ClassifyResponse, ImageNetClass, imagenet_class
-from ..intervene import DEFAULT_ITERATIONS, DEFAULT_LR, InterventionSpec
+from ..intervene import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_ORDER, InterventionSpec
 from ..schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationSettings
 
 # --- shared ---------------------------------------------------------------------------------
@@ -54,6 +54,9 @@ class PngScale(BaseModel):
 MAX_REQUEST_LAYERS = 16
 MAX_REQUEST_PROPERTIES = 16
 MapFormat = Literal["png", "array", "both"]
+Protocol = Literal["ldmprobe", "study"]
+PROTOCOL_DESCRIPTION = ("whose behaviours the request takes: 'study' reproduces the study's code where this "
+                        "endpoint differs (recorded in the answer's metadata)")
 
 
 class ProbeRequest(GenerationSettings):
@@ -80,6 +83,8 @@ class ProbeRequest(GenerationSettings):
     format: MapFormat = "png"
     map_size: Literal["layer", "image"] = "layer"
     stream: bool = False
+    protocol: Protocol = Field("ldmprobe", description=PROTOCOL_DESCRIPTION + "; study: a request whose timesteps "
+                               "differ from the bank's is refused instead of mapped to the nearest")
 
     @field_validator("layers", "properties")
     @classmethod
@@ -195,6 +200,7 @@ class ClassifyRequest(GenerationSettings):
     top_k: int = Field(5, ge=1, le=MAX_TOP_K)
     target_class: int | str | None = None
     previews: bool = False
+    protocol: Protocol = Field("ldmprobe", description=PROTOCOL_DESCRIPTION)
 
     @field_validator("target_class")
     @classmethod
@@ -287,6 +293,14 @@ class InterveneRequest(GenerationSettings):
     iterations: int = Field(DEFAULT_ITERATIONS, ge=0, le=MAX_ITERATIONS)
     loss: Literal["auto", "bce", "mse", "huber"] = "auto"
     eval_layer: str | None = None
+    order: Literal["sequential", "joint"] = Field(DEFAULT_ORDER, description=(
+        "sequential (the study's): at each edited step the layers are edited in forward order, each on an "
+        "activation that already carries the edits before it; joint: all at once on the unedited forward (faster)"))
+    protocol: Protocol = Field("ldmprobe", description=PROTOCOL_DESCRIPTION + "; study: depth targets min-max "
+                               "scaled to [-9, 9], timesteps that differ from the bank's refused")
+    depth_target: Literal["warp", "minmax"] | None = Field(None, description=(
+        "depth only: the warped map as it is (warp) or min-max scaled to [-9, 9] in the probe's normalised units "
+        "(minmax, the study's); default: minmax under protocol study, else warp"))
 
     @field_validator("affine")
     @classmethod
@@ -328,7 +342,8 @@ class InterveneRequest(GenerationSettings):
         mask = decode_mask(self.target_mask) if self.target_mask is not None else None
         return InterventionSpec(property=self.property, dx=self.dx, dy=self.dy, affine=self.affine, target_mask=mask,
                                 layers=self.layers, edit_steps=self.edit_steps, lr=self.lr, iterations=self.iterations,
-                                loss=self.loss, eval_layer=self.eval_layer)
+                                loss=self.loss, eval_layer=self.eval_layer, order=self.order,
+                                protocol=self.protocol, depth_target=self.depth_target)
 
 
 class MaskImage(ImagePayload):

@@ -48,7 +48,8 @@ def palette_masks(image: torch.Tensor) -> dict[str, np.ndarray]:
 
 def judge(images: torch.Tensor, captions: list[dict], label_models=None) -> dict:
     """Adherence of images [N, 3, H, W] in [0, 1] to their captions, and the per-image verdicts.
-    colour: the named colour covers >= 2 % of the image (palette rule); count: the object colours form
+    colour: the named colour is the object colour covering most of the image, and >= 2 % of it (palette
+    rule; `colour_present` counts mere presence, which random colour noise also passes); count: the object colours form
     exactly one region of >= 1 % (connected components); kind: the scenes classifier's kind, marginalised
     over colours, when label models are given (else not measured)."""
     from scipy import ndimage
@@ -70,11 +71,14 @@ def judge(images: torch.Tensor, captions: list[dict], label_models=None) -> dict
         count = int((sizes >= MIN_COMPONENT).sum())
         row = {"caption": cap["caption"], "colour_fraction": round(fractions[cap["colour"]], 4),
                "dominant_colour": max(fractions, key=fractions.get), "count": count,
-               "colour_ok": fractions[cap["colour"]] >= PRESENT, "count_ok": count == 1}
+               "colour_present": fractions[cap["colour"]] >= PRESENT,
+               "colour_ok": fractions[cap["colour"]] >= PRESENT and max(fractions, key=fractions.get) == cap["colour"],
+               "count_ok": count == 1}
         if kinds_pred is not None:
             row |= {"kind": kinds_pred[i], "kind_ok": kinds_pred[i] == cap["kind"]}
         rows.append(row)
     out = {"colour_adherence": round(float(np.mean([r["colour_ok"] for r in rows])), 4),
+           "colour_present": round(float(np.mean([r["colour_present"] for r in rows])), 4),
            "kind_adherence": round(float(np.mean([r["kind_ok"] for r in rows])), 4) if kinds_pred else None,
            "count_adherence": round(float(np.mean([r["count_ok"] for r in rows])), 4), "rows": rows}
     return out
