@@ -82,8 +82,9 @@ def test_intervention_end_to_end(server):
 def test_served_intervention_equals_the_librarys(server, sampler, scene_bank, tiny):
     """The endpoint against the library for the same request: both images, the three masks,
     the success numbers and the losses are what `Intervention.run` gives (to float rounding).
-    Half the shift moves the target mask by far more than that, so a lost or altered field
-    could not pass."""
+    Half the shift moves the target mask by far more than that, and half the iterations the
+    edited image (7 grey levels), so a lost or altered request field could not pass. (On random
+    weights the achieved mask equals the original one: the object does not move.)"""
     from ldmprobe.generate import to_pil
     from ldmprobe.intervene import Intervention, InterventionSpec
     from ldmprobe.probes import ProbeBank
