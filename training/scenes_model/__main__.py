@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--captions", type=int, default=16, help="held-out captions, one seed each (default: 16)")
     v.add_argument("--dx", type=float, action="append", default=None,
                    help="horizontal shifts in pixels, repeatable; each caption gets them in turn (default: 24)")
+    v.add_argument("--order", choices=["sequential", "joint"], default="sequential",
+                   help="layer edit order: sequential (the study's) or joint (all layers of a step at once, faster) "
+                        "(default: sequential)")
     v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
     s = sub.add_parser("ship", help="copy a finished run's model (+ its bank) into the package with a model card")
     s.add_argument("--run", required=True, type=Path, help="the finished training run folder")
@@ -115,9 +118,9 @@ def _intervene(args) -> dict:
     captions, shifts = held_out_captions(), args.dx or [24.0]
     cases = [{"prompt": captions[i % len(captions)]["caption"], "seed": HELD_OUT_SEED_OFFSET + i,
               "dx": shifts[i % len(shifts)], "dy": 0.0} for i in range(args.captions)]
-    out = run_interventions(Sampler(model), bank, cases, GenerationSettings(steps=bank.num_steps or 15))
+    out = run_interventions(Sampler(model), bank, cases, GenerationSettings(steps=bank.num_steps or 15), order=args.order)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
-    result = {"model": args.model, "cases": len(cases), "summary": out["summary"], "seconds": out["seconds"]}
+    result = {"model": args.model, "order": args.order, "cases": len(cases), "summary": out["summary"], "seconds": out["seconds"]}
     if args.out is not None:
         write_json(args.out / "intervene.json", {**result, "rows": rows})
     return result
