@@ -1,12 +1,12 @@
-"""The README's picture of the probe endpoint on the scenes model: one caption through the probe
-service in-process (the code TorchServe runs), its answer's image and foreground / depth maps per
-returned step, as one PNG (`python -m training.scenes_model.figure --out docs/scenes-probe.png`)."""
+"""The README's picture of what the probe endpoint returns on the scenes model: one caption's image
+and the foreground / depth maps of the bank's best layers per returned step, as one PNG
+(`python -m training.scenes_model.figure --out docs/scenes-probe.png`). Computed with the library
+calls the endpoint makes (tests/test_serve.py holds the served maps equal to these to 1e-3); jobs do
+not import the serving layer."""
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import sys
 from pathlib import Path
@@ -17,41 +17,37 @@ def probe_figure(out: Path, prompt: str, seed: int, steps: list[int]) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from ldmprobe.atomic import atomic_path
-    from ldmprobe.models import SCENES_DIR
-    from ldmprobe.serve.probe import ProbeService
+    from ldmprobe.generate import Sampler
+    from ldmprobe.models import SCENES_DIR, load_model
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.schemas import GenerationSettings
 
-    service = ProbeService.load("scenes", str(SCENES_DIR / "bank.safetensors"), compile=False)
-    body = {"prompt": prompt, "seed": seed, "steps": 15, "return_steps": steps,
-            "properties": ["foreground", "depth"], "format": "png"}
-    outcome = service.handle([json.dumps(body)])[0]
-    if outcome.status != 200:
-        raise RuntimeError(f"probe service answered {outcome.status}: {outcome.body}")
-    answer = outcome.body
-
-    def png(data: str):
-        return Image.open(io.BytesIO(base64.b64decode(data)))
-
+    model = load_model("scenes")
+    bank = ProbeBank.load(SCENES_DIR / "bank.safetensors", model)
+    best = {p: bank.best_layers()[p][0] for p in ("foreground", "depth")}
+    result = Sampler(model).generate([prompt], [seed], GenerationSettings(steps=15), layers=tuple(set(best.values())))
+    size = tuple(result.images.shape[-2:])
+    maps = {s: bank.apply(result.steps[s].activations, s, properties=list(best), size=size) for s in steps}
+    image = result.images[0].permute(1, 2, 0).clamp(0, 1).numpy()
     fig, axes = plt.subplots(2, len(steps) + 1, figsize=(2.1 * (len(steps) + 1), 4.4))
-    axes[0][0].imshow(png(answer["image"]["png"]))
+    axes[0][0].imshow(image)
     axes[0][0].set_title("image", fontsize=8)
     axes[1][0].axis("off")
     axes[1][0].text(0, 0.5, f"“{prompt}”\nseed {seed}", fontsize=7, va="center")
-    for col, step in enumerate(answer["steps"], start=1):
+    for col, step in enumerate(steps, start=1):
         for row, prop in enumerate(("foreground", "depth")):
-            entry = {m["property"]: m for m in step["maps"]}[prop]
             ax = axes[row][col]
-            ax.imshow(png(entry["png"]), cmap="gray" if prop == "foreground" else "magma")
-            ax.set_title(f"{prop} · step {step['step']} ({entry['layer']})", fontsize=7)
+            ax.imshow(maps[step][prop, best[prop]][0].numpy(), cmap="gray" if prop == "foreground" else "magma")
+            ax.set_title(f"{prop} · step {step} ({best[prop]})", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    return {"figure": str(out), "layers": {m["property"]: m["layer"] for m in answer["steps"][-1]["maps"]}}
+    return {"figure": str(out), "layers": best}
 
 
 def main(argv: list[str] | None = None) -> int:
