@@ -199,6 +199,20 @@ def check_sd_folder(path: Path) -> None:
             f"{str(path)!r} is not a Stable Diffusion folder in diffusers format; missing: {', '.join(missing)}")
 
 
+def _quietly(load):
+    """Run a transformers load without its "Loading weights" progress bar: a command's stderr stays
+    its one-line error (CLI contract), and a few-MB model loads in milliseconds anyway."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _load_folder(path: Path, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -210,7 +224,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
         variant = "fp16"
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, variant=variant)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, variant=variant)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype)
+    text_encoder = _quietly(lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype))
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return unet, vae, text_encoder, tokenizer, scheduler_config
