@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ldmprobe.atomic import atomic_path, write_json
 
-CARD_FILES = ("card.md", "card.json")
+CARD_FILES = ("card.md", "card.json", "README.md")  # the card and its pointers beside each weight file
 
 
 def sha256(path: Path) -> str:
