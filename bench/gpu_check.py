@@ -97,12 +97,12 @@ class Context:
                 "runs_ms": [round(r, 4) for r in runs], "calls_per_run": inner}
 
     def compile(self, module: torch.nn.Module, mode: str | None = None):
-        """The library's compile (ldmprobe.capture.compile_capturing) or, with another backend /
+        """The library's compile (ldmprobe.compiling.compile_unet) or, with another backend /
         a mode, torch.compile with the same fullgraph / static-shape settings."""
-        from ldmprobe.capture import compile_capturing
+        from ldmprobe.compiling import compile_unet
 
         if self.backend == "inductor" and mode is None:
-            return compile_capturing(module, self.device)
+            return compile_unet(module, self.device)
         kwargs = {"mode": mode} if self.backend == "inductor" else {}
         return torch.compile(module, fullgraph=True, dynamic=False, backend=self.backend, **kwargs)
 
