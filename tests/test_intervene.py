@@ -368,7 +368,7 @@ def test_cli_writes_panel_masks_result_and_sweep_gif(scene_bank, tmp_path, capsy
     from ldmprobe.cli import main
 
     out = tmp_path / "run"
-    rc = main(["intervene", "--bank", str(scene_bank), "--prompt", PROMPT, "--seed", str(SEED), "--steps",
+    rc = main(["intervene", "--model", "tiny", "--bank", str(scene_bank), "--prompt", PROMPT, "--seed", str(SEED), "--steps",
                str(SCENE_BANK_STEPS), "--dx", "24", "--edit-steps", "0-1", "--iterations", "16", "--sweep=-16:16:32",
                "--order", "joint", "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -402,7 +402,7 @@ def test_cli_bad_input_is_exit_2_with_one_line(scene_bank, tmp_path, capsys, ext
     from ldmprobe.cli import main
 
     out = tmp_path / "run"
-    rc = main(["intervene", "--bank", str(scene_bank), "--prompt", PROMPT, "--steps", str(SCENE_BANK_STEPS),
+    rc = main(["intervene", "--model", "tiny", "--bank", str(scene_bank), "--prompt", PROMPT, "--steps", str(SCENE_BANK_STEPS),
                "--out", str(out), "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
