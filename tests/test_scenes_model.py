@@ -83,7 +83,9 @@ def test_training_is_deterministic_and_a_killed_run_resumes_to_the_same_weights(
     again = _train(tmp_path / "again")
     assert again.returncode == 0
     reference = _weights(tmp_path / "full")
-    assert all(torch.equal(v, _weights(tmp_path / "again")[k]) for k, v in reference.items())
+    again_weights = _weights(tmp_path / "again")
+    assert again_weights.keys() == reference.keys()
+    assert all(torch.equal(v, again_weights[k]) for k, v in reference.items())
 
     # a real kill (SIGKILL) in the middle of the U-Net stage, then the same command again
     killed = tmp_path / "killed"
@@ -124,8 +126,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     weights = [k for k in a if "optim" not in k]
-    # the same global batches and draws: equal up to the order of the gradient all-reduce
-    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in weights) < 1e-4
+    # the same global batches and draws: equal up to the order of the gradient all-reduce. Adam divides
+    # by sqrt(v), so a rounding difference in a near-zero gradient can move a weight by a fraction of one
+    # learning-rate step (lr 1e-3); a wrong sharding or draw moves every weight by whole steps.
+    diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in weights])
+    assert float(diffs.max()) < 5e-4 and float(diffs.mean()) < 1e-6, (float(diffs.max()), float(diffs.mean()))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -28,4 +28,8 @@ def test_serve_bench_quick_fits_its_bank_and_prints_one_strict_line(tmp_path):
     assert out["bench"] == "serve" and out["quick"] is True and out["errors"] == 0
     assert out["requests"]["batch_on"] == {"c1": 4, "c8": 16}  # 2 rounds of 2 + 8 timed requests
     assert out["cold_start_error"] == "skipped (--no-cold)" and out["worker_start_s"]["cold_cache"] is None
-    assert out["batching_throughput_gain"] > 0
+    # each batching variant's gain is its c8 throughput over batch_off's, from the same run's figures
+    thr = out["throughput_rps"]
+    assert set(out["batching_throughput_gain"]) == {"batch_on", "batch_on_fast"}
+    for name, gain in out["batching_throughput_gain"].items():
+        assert thr[name]["c8"] > 0 and gain == pytest.approx(thr[name]["c8"] / thr["batch_off"]["c8"], abs=2e-3)

@@ -98,8 +98,10 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_components(seed: int):
-    """Fresh (untrained) U-Net, VAE and text encoder, deterministic for a seed, plus the tokenizer."""
+def build_components(seed: int, size: int = 128):
+    """Fresh (untrained) U-Net, VAE and text encoder, deterministic for a seed, plus the tokenizer.
+    ``size`` (pixels) only sets the configs' sample sizes, so the exported folder's default image
+    size is the one it was trained at; the weights do not depend on it."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -107,9 +109,9 @@ def build_components(seed: int):
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET)
+    unet = UNet2DConditionModel(**{**UNET, "sample_size": size // 8})
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL(**{**VAE, "sample_size": size})
     torch.manual_seed(seed + 2)
     text_config = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                                  eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **TEXT)

@@ -127,7 +127,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         elif "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.world))
-        self.unet, self.vae, self.text_encoder, self.tokenizer = build_components(cfg.seed)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = build_components(cfg.seed, cfg.size)
         self.job_path = self.out / "job.json"
         self.job = self._job()
 
