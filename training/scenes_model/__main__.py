@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder_lr": "decoder fine-tuning peak learning rate", "warmup": "linear warm-up steps",
         "cfg_dropout": "probability of training on the empty caption", "ema_decay": "EMA decay of exported weights",
         "checkpoint_every": "steps between atomic checkpoints", "dtype": "dtype of the exported weights",
+        "init": "continue from this diffusers folder of the same architecture ('scenes': the shipped model): "
+                "its VAE and latent scale are kept, its U-Net and text encoder are the starting point",
     }
     for f in dataclasses.fields(TrainConfig):
         t.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
@@ -76,6 +78,12 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         for name in ("scenes", "vae_steps", "vae_batch", "vae_crop", "unet_steps", "batch", "checkpoint_every"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        if args.init:
+            from ldmprobe.models import SCENES_DIR
+
+            args.init = str(SCENES_DIR) if args.init == "scenes" else args.init
+            if not (Path(args.init) / "unet").is_dir():
+                p.error(f"--init: {args.init} is not a diffusers model folder (no unet/)")
         if args.size % 64 or args.size < 64:
             p.error(f"--size: must be a multiple of 64, got {args.size}")
         if args.decoder_steps < 0:

@@ -59,6 +59,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 100
     dtype: str = "float16"  # weights of the exported folder
+    init: str = ""  # a diffusers folder of this architecture to continue from ("" = fresh weights)
 
 
 def _generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -128,8 +129,19 @@ class Trainer:
         elif "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.world))
         self.unet, self.vae, self.text_encoder, self.tokenizer = build_components(cfg.seed, cfg.size)
+        self.init_scale = self._load_init(cfg.init) if cfg.init else None
         self.job_path = self.out / "job.json"
         self.job = self._job()
+
+    def _load_init(self, folder: str) -> float:
+        """Weights of a trained folder (fp16 is widened to fp32) to continue training from; returns
+        its VAE's scaling_factor, which the latents keep so the U-Net sees the scale it learned on."""
+        from ldmprobe.models import load_model
+
+        init = load_model(folder, device="cpu", dtype="float32")
+        for mine, theirs in ((self.unet, init.unet), (self.vae, init.vae), (self.text_encoder, init.text_encoder)):
+            mine.load_state_dict(theirs.state_dict())
+        return float(init.vae.config.scaling_factor)
 
     # ---- bookkeeping
     def _job(self) -> dict:
@@ -243,6 +255,10 @@ class Trainer:
         cfg, path = self.cfg, self.out / "vae.checkpoint.safetensors"
         vae = self.vae.to(self.device).train()
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        if cfg.init and not path.is_file() and self.dist.main:  # the init's VAE is kept as is: no VAE stage
+            checkpoint.save(path, {"vae": vae}, opt, {"step": cfg.vae_steps, "loss": None, "wall_s": 0.0,
+                                                      "init": cfg.init})
+        self._barrier()
         step = checkpoint.load(path, {"vae": vae}, opt)["step"] if path.is_file() else 0
         if step >= cfg.vae_steps:
             return True
@@ -317,7 +333,7 @@ class Trainer:
             for i in tqdm(range(0, len(images), 64), desc="latents", unit="batch", disable=not self.progress):
                 chunks.append(vae.encode(to_tensor(images[i:i + 64]).to(self.device)).latent_dist.mean.cpu())
             lat = torch.cat(chunks)  # [N, 4, h, w]
-            scale = float(1.0 / lat.std())
+            scale = self.init_scale or float(1.0 / lat.std())
             with atomic_path(path) as tmp:
                 save_file({"latents": lat.contiguous(), "scaling_factor": torch.tensor(scale)}, str(tmp))
             self._add_time("latents", time.perf_counter() - t0)
