@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode", default="latent", help="latent (the current latent, as the study) or x0 (predicted)")
     c.add_argument("--classifier", default=None,
                    help="VGG-16 weights: safetensors / torchvision .pth file, folder or hub id, or `random` (tests "
-                        "only) (default: timm/vgg16.tv_in1k)")
+                        "only); `scenes` or scenes:PATH: the scenes label models' colour × kind classifier "
+                        "(default: scenes for --model scenes, else timm/vgg16.tv_in1k)")
     c.add_argument("--preprocessing", default="timm",
                    help="timm (the weights' own) or caffe (Keras' VGG-16 as the capstone: 8-bit, nearest resize, BGR, "
                         "ImageNet means in 0-255, no std; for Caffe-converted weights, not comparable with timm's)")
@@ -234,8 +235,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
         DEFAULT_CLASSIFIER,
         DEFAULT_TINY_DECODER,
         RANDOM,
+        SCENES_CLASSIFIER,
+        ClassifyError,
         StepClassifier,
-        load_vgg16,
+        load_classifier,
         make_decoder,
         plot_classification,
     )
@@ -247,12 +250,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
         req = ClassifyRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, scheduler=args.scheduler,
                               decoder=args.decoder, decode=args.decode, top_k=args.top_k,
-                              target_class=args.target, previews=args.previews)
+                              previews=args.previews)  # the target is checked against the classifier's classes below
     except ValidationError as exc:
         field, msg = first_error(exc)
         raise UsageError(f"--{_CLASSIFY_FLAGS.get(field, field.replace('_', '-'))}: {msg}") from None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.target is not None and not str(args.target).strip():
+        raise UsageError("--target: must not be empty")
     if args.preprocessing not in ("timm", "caffe"):
         raise UsageError(f"--preprocessing: use timm or caffe, got {args.preprocessing!r}")
     if args.tiny_decoder is not None and req.decoder != "tiny":
@@ -264,8 +269,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
     # weights before the generation: a missing file fails in seconds, not after the denoising loop
     decoder = make_decoder(model, req.decoder, args.tiny_decoder or DEFAULT_TINY_DECODER)
-    classifier = load_vgg16(args.classifier or DEFAULT_CLASSIFIER, model.device, model.dtype,
-                            preprocessing=args.preprocessing)
+    default = SCENES_CLASSIFIER if args.model == "scenes" else DEFAULT_CLASSIFIER
+    classifier = load_classifier(args.classifier or default, model.device, model.dtype,
+                                 preprocessing=args.preprocessing)
+    try:
+        req = req.model_copy(update={"target_class": None if args.target is None else
+                                     classifier.classes.resolve(args.target).index})
+    except ClassifyError as exc:
+        raise UsageError(f"--target: {exc}") from None
     runner = StepClassifier(decoder, classifier, batch_size=args.batch_size)
     result = runner.classify_generation(Sampler(model), [req.prompt], [req.seed], req.settings(), decode=req.decode,
                                         targets=req.target_class, top_k=req.top_k, keep_previews=True,

@@ -280,7 +280,7 @@ def test_cli_classify_end_to_end(tmp_path, capsys, monkeypatch, vgg):
         asked.append(preprocessing)
         return vgg
 
-    monkeypatch.setattr(ldmprobe.classify, "load_vgg16", reuse_random_vgg)
+    monkeypatch.setattr(ldmprobe.classify, "load_classifier", reuse_random_vgg)
     out = tmp_path / "run"
     rc = main(["classify", "--model", "tiny", "--prompt", "lemon", "--seed", "0", "--steps", "2", "--out", str(out),
                "--decoder", "tiny", "--tiny-decoder", "random", "--decode", "x0", "--classifier", "random",
@@ -310,8 +310,9 @@ def test_cli_classify_end_to_end(tmp_path, capsys, monkeypatch, vgg):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--target", "lemmon"], "--target: Value error, unknown ImageNet class 'lemmon'; close matches: lemon (951)"),
-    (["--target", "crane"], "--target: Value error, class name 'crane' is ambiguous"),
+    # the target is one of the classifier's classes: checked once the classifier is loaded
+    (["--target", "lemmon", "--classifier", "random"], "--target: unknown ImageNet class 'lemmon'; close matches: lemon (951)"),
+    (["--target", "crane", "--classifier", "random"], "--target: class name 'crane' is ambiguous"),
     (["--decode", "noise"], "--decode: Input should be 'latent' or 'x0'"),
     (["--decoder", "big"], "--decoder: Input should be 'vae' or 'tiny'"),
     (["--top-k", "0"], "--top-k: Input should be greater than or equal to 1"),
@@ -326,7 +327,8 @@ def test_cli_classify_end_to_end(tmp_path, capsys, monkeypatch, vgg):
 def test_cli_errors_one_line_exit_2(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    rc = main(["classify", "--prompt", "lemon", "--steps", "2", "--out", str(out), "--no-progress", *args])
+    rc = main(["classify", "--model", "tiny", "--prompt", "lemon", "--steps", "2", "--out", str(out), "--no-progress",
+               *args])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert message in err and err.count("\n") == 1 and err.startswith("ldmprobe: error:")
@@ -337,7 +339,7 @@ def test_cli_refuses_existing_output(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert main(["classify", "--prompt", "lemon", "--out", str(out), "--classifier", "random"]) == 2
+    assert main(["classify", "--model", "tiny", "--prompt", "lemon", "--out", str(out), "--classifier", "random"]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
 
@@ -375,3 +377,27 @@ def test_caffe_preprocessing_is_keras_vgg16_on_the_png(vgg):
     assert vgg.metadata()["preprocessing"] == "timm"
     with pytest.raises(ValueError, match="preprocessing"):
         ImageClassifier(vgg.module, "random", True, preprocessing="keras")
+
+
+def test_a_named_class_set_resolves_targets_and_the_schema_checks_them_against_the_serving_classifier():
+    from pydantic import ValidationError
+
+    from ldmprobe.classify import ClassSet, UnknownClassError
+    from ldmprobe.serve.schemas import ClassifyRequest
+
+    scenes = ClassSet.from_names("scenes", ["red sphere", "red box", "blue sphere"])
+    assert scenes.resolve("Blue_Sphere").index == 2 and scenes.resolve(1).name == "red box"
+    assert scenes.resolve("2").info().wnid == "scenes:blue-sphere"
+    with pytest.raises(UnknownClassError, match="close matches: red sphere"):
+        scenes.resolve("red spher")
+    with pytest.raises(UnknownClassError, match="out of range 0-2"):
+        scenes.resolve(3)
+    # the request model: ImageNet without a context, the serving classifier's classes with one
+    assert ClassifyRequest.model_validate({"prompt": "a", "target_class": "red box"},
+                                          context={"classes": scenes}).target(scenes).index == 1
+    with pytest.raises(ValidationError, match="unknown ImageNet class"):
+        ClassifyRequest.model_validate({"prompt": "a", "target_class": "red box"})
+    with pytest.raises(ValidationError, match="unknown scenes class 'lemon'"):
+        ClassifyRequest.model_validate({"prompt": "a", "target_class": "lemon"}, context={"classes": scenes})
+    with pytest.raises(ValueError, match="unique"):
+        ClassSet.from_names("x", ["a", "a"])

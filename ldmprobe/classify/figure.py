@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .imagenet import imagenet_classes
 from .runner import Classification
 
 
@@ -25,7 +24,7 @@ def plot_classification(result: Classification, path: str | Path, title: str | N
 
     probs = result.probabilities
     steps = probs.shape[0]
-    classes = imagenet_classes()
+    classes = result.classes
     width = max(8.0, 0.8 * min(steps, max_previews) + 2.5)
     cell = (width - 2.5) / steps
     has_previews = result.previews is not None

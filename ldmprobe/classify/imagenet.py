@@ -1,5 +1,6 @@
-"""ImageNet-1k class names (timm's offline tables) and the lookup of a target class by index,
-WordNet id or name; the errors of the classify package."""
+"""The classes a classifier answers in: ImageNet-1k (timm's offline tables; a target looked up by
+index, WordNet id or name) or a named set (the scenes classifier's "red sphere" …): `ClassSet`.
+The errors of the classify package."""
 
 from __future__ import annotations
 
@@ -105,3 +106,49 @@ def imagenet_class(query: int | str) -> ImageNetClass:
                             for c in hits)
         raise UnknownClassError(f"class name {text!r} is ambiguous: {options}; give the index or WordNet id")
     raise UnknownClassError(f"unknown ImageNet class {text!r}; {_close_matches(key)}")
+
+
+# --- the classes of a classifier ---------------------------------------------------------------------
+class ClassSet:
+    """The output classes of one classifier, in output order, and the lookup of a target among them.
+    ImageNet-1k (`ClassSet.imagenet()`) resolves as `imagenet_class`; a named set (`from_names`)
+    by index or case-insensitive name. The id of a named class (ClassInfo.wnid) is ``set:slug``."""
+
+    def __init__(self, name: str, classes: tuple[ImageNetClass, ...]):
+        self.name, self.classes = name, classes
+        self._by_name = {" ".join(c.name.lower().replace("_", " ").split()): c for c in classes}
+
+    @classmethod
+    @lru_cache(maxsize=1)
+    def imagenet(cls) -> ClassSet:
+        return cls("imagenet-1k", imagenet_classes())
+
+    @classmethod
+    def from_names(cls, name: str, names: list[str] | tuple[str, ...]) -> ClassSet:
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"class names of {name!r} must be unique and not empty")
+        return cls(name, tuple(ImageNetClass(i, f"{name}:{n.replace(' ', '-')}", (n,)) for i, n in enumerate(names)))
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, index: int) -> ImageNetClass:
+        return self.classes[index]
+
+    def resolve(self, query: int | str) -> ImageNetClass:
+        """The class a target names (index or name); UnknownClassError naming close matches."""
+        if self.name == "imagenet-1k":
+            return imagenet_class(query)
+        if isinstance(query, bool) or not isinstance(query, int | str):
+            raise UnknownClassError(f"class must be an index or a name, got {type(query).__name__}")
+        text = str(query).strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            if not 0 <= int(text) < len(self.classes):
+                raise UnknownClassError(f"class index {int(text)} is out of range 0-{len(self.classes) - 1}")
+            return self.classes[int(text)]
+        key = " ".join(text.lower().replace("_", " ").split())
+        if key in self._by_name:
+            return self._by_name[key]
+        close = difflib.get_close_matches(key, list(self._by_name), n=5, cutoff=0.5)
+        hint = f"close matches: {', '.join(close)}" if close else f"classes: {', '.join(list(self._by_name)[:8])} …"
+        raise UnknownClassError(f"unknown {self.name} class {text!r}; {hint}")

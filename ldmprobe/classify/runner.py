@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from ..schemas import GenerationSettings
 from .decoders import LatentDecoder
-from .imagenet import ClassifyError, ClassInfo, ImageNetClass, imagenet_class, imagenet_classes
+from .imagenet import ClassifyError, ClassInfo, ClassSet, ImageNetClass
 from .weights import ImageClassifier
 
 CONFIDENCE = 0.9  # the study's "recognised" level: the target's probability passes 90 %
@@ -94,6 +94,7 @@ class Classification:
     image: torch.Tensor | None = None  # the final image [3, H, W] (generations only)
     threshold: float = CONFIDENCE
     metadata: dict[str, Any] = field(default_factory=dict)
+    classes: ClassSet = field(default_factory=ClassSet.imagenet)  # the classifier's output classes
 
     def top(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, class indices), both [steps, k], best first."""
@@ -109,7 +110,7 @@ class Classification:
         return first_steps(self.probabilities, self.target.index, self.threshold)
 
     def steps(self) -> list[StepPrediction]:
-        classes = imagenet_classes()
+        classes = self.classes
         values, indices = self.top()
         curve = self.target_curve
         return [StepPrediction(step=s, timestep=self.timesteps[s],
@@ -214,7 +215,7 @@ class StepClassifier:
             targets = [targets] * len(prompts)
         if len(targets) != len(prompts):
             raise ClassifyError(f"got {len(prompts)} prompts but {len(targets)} targets")
-        resolved = [None if t is None else imagenet_class(t) for t in targets]  # fail before generating
+        resolved = [None if t is None else self.classifier.classes.resolve(t) for t in targets]  # fail before generating
 
         kept: list[torch.Tensor] = []
         timesteps: list[float] = []
@@ -239,7 +240,7 @@ class StepClassifier:
             item_meta = meta | {"prompt": prompts[i], "seed": int(seeds[i])}
             out.append(Classification(probs[rows], list(timesteps), top_k, resolved[i],
                                       None if previews is None else previews[rows], result.images[i], CONFIDENCE,
-                                      item_meta))
+                                      item_meta, self.classifier.classes))
         return out
 
     def classify_image(self, image: Any, target: int | str | None = None, top_k: int = 5) -> Classification:
@@ -255,15 +256,16 @@ class StepClassifier:
         targets = [None] * len(images) if targets is None else list(targets)
         if len(targets) != len(images):
             raise ClassifyError(f"got {len(images)} images but {len(targets)} targets")
-        resolved = [None if t is None else imagenet_class(t) for t in targets]
+        resolved = [None if t is None else self.classifier.classes.resolve(t) for t in targets]
         tensors = [_image_tensor(image)[:1] for image in images]
         x = torch.cat([self.classifier.preprocess(t) for t in tensors]) if tensors else None
         probs = (torch.cat([self.classifier.preprocessed_probabilities(c)[:real] for c, real in self.chunks(x)])
-                 if x is not None else torch.zeros(0, 1000))
+                 if x is not None else torch.zeros(0, len(self.classifier.classes)))
         out = []
         for i, t in enumerate(tensors):
             meta = {"classifier": self.classifier.metadata(), "top_k": top_k, "mode": "image",
                     "image_size": list(t.shape[-2:])}
             out.append(Classification(probs[i:i + 1], [None], top_k, resolved[i],
-                                      t.clamp(0, 1) if keep_images else None, None, CONFIDENCE, meta))
+                                      t.clamp(0, 1) if keep_images else None, None, CONFIDENCE, meta,
+                                      self.classifier.classes))
         return out

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .imagenet import ClassifyError
+from .imagenet import ClassifyError, ClassSet
 
 VGG_ARCH = "vgg16.tv_in1k"
 DEFAULT_CLASSIFIER = "timm/vgg16.tv_in1k"  # timm's copy of torchvision's IMAGENET1K_V1 weights
@@ -87,7 +87,7 @@ def _vgg_weights_file(source: str) -> Path:
     raise WeightsSourceError(f"classifier weights {source!r} do not exist (a file, a folder, a hub id, or '{RANDOM}')")
 
 
-PREPROCESSINGS = ("timm", "caffe")
+PREPROCESSINGS = ("timm", "caffe", "unit")  # unit: [0, 1] RGB resized, the module normalises itself
 # Keras' VGG-16 (Caffe weights): BGR channel means in 0–255 (keras.applications.imagenet_utils, mode "caffe")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
@@ -105,12 +105,13 @@ class ImageClassifier:
     numerically comparable with timm's `vgg16.tv_in1k` under "timm"."""
 
     def __init__(self, module: torch.nn.Module, source: str, random_weights: bool, input_size: int | None = None,
-                 preprocessing: str = "timm"):
+                 preprocessing: str = "timm", classes: ClassSet | None = None, arch: str = VGG_ARCH):
         from timm.data import resolve_data_config
 
         if preprocessing not in PREPROCESSINGS:
             raise ValueError(f"unknown preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSINGS)}")
         self.module, self.source, self.random_weights = module, source, random_weights
+        self.classes, self.arch = classes or ClassSet.imagenet(), arch
         self.preprocessing = preprocessing
         cfg = resolve_data_config({}, model=module)
         # input_size overrides the weights' size only to make random-weight tests cheap
@@ -121,6 +122,9 @@ class ImageClassifier:
         if preprocessing == "caffe":
             self.interpolation = "nearest"
             self.mean = torch.tensor(CAFFE_BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.ones(1, 3, 1, 1, device=self.device)
+        elif preprocessing == "unit":
+            self.mean = torch.zeros(1, 3, 1, 1, device=self.device)
             self.std = torch.ones(1, 3, 1, 1, device=self.device)
         else:
             self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
@@ -160,7 +164,7 @@ class ImageClassifier:
         return self.module(x).float().softmax(-1).cpu()
 
     def metadata(self) -> dict[str, Any]:
-        meta = {"arch": VGG_ARCH, "weights": self.source, "random_weights": self.random_weights,
+        meta = {"arch": self.arch, "classes": self.classes.name, "weights": self.source, "random_weights": self.random_weights,
                 "preprocessing": self.preprocessing,
                 "input_size": self.input_size, "interpolation": self.interpolation,
                 "mean": [round(float(v), 4) for v in self.mean.flatten()],
@@ -200,3 +204,39 @@ def load_vgg16(source: str | Path = DEFAULT_CLASSIFIER, device: str | torch.devi
         module.load_state_dict(sd, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return ImageClassifier(module, source, source == RANDOM, preprocessing=preprocessing)
+
+
+# --- any classifier by name -----------------------------------------------------------------------
+SCENES_CLASSIFIER = "scenes"  # the scenes label models' colour × kind classifier (ldmprobe.label_models)
+
+
+class _LabelModelClassifier(torch.nn.Module):
+    """The label models' classifier as a module of [0, 1] images (it normalises itself)."""
+
+    def __init__(self, label_models):
+        super().__init__()
+        self.label_models = label_models
+        self.classifier = label_models.modules["classifier"]  # its parameters give device and dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.label_models.classify(x.float())
+
+
+def load_classifier(source: str | Path = DEFAULT_CLASSIFIER, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, preprocessing: str = "timm") -> ImageClassifier:
+    """VGG-16 ImageNet weights (`load_vgg16`: file, folder, hub id, ``random``), or the scenes world's
+    classifier: ``scenes`` (the shipped label models) or ``scenes:PATH`` (a label-model folder),
+    whose classes are its own ("red sphere" …) and which takes [0, 1] images at 128 px."""
+    source = str(source)
+    if source != SCENES_CLASSIFIER and not source.startswith(SCENES_CLASSIFIER + ":"):
+        return load_vgg16(source, device, dtype, preprocessing)
+    from ..label_models import load_label_models
+
+    path = source.partition(":")[2] or None
+    try:
+        lm = load_label_models(path)
+    except (OSError, ValueError) as exc:
+        raise WeightsSourceError(f"classifier {source!r}: {_first_line(exc)}") from None
+    module = _LabelModelClassifier(lm).to(device=device).eval().requires_grad_(False)
+    return ImageClassifier(module, lm.source, False, input_size=lm.input_size, preprocessing="unit",
+                           classes=ClassSet.from_names("scenes", list(lm.class_names)), arch=lm.classifier_arch)

@@ -108,12 +108,13 @@ def error_field(exc: ValidationError) -> tuple[str, str]:
     return where, err.get("msg", str(exc))
 
 
-def parse_body(raw: Any, schema: type[M], decoded: bool = False) -> M:
+def parse_body(raw: Any, schema: type[M], decoded: bool = False, context: dict[str, Any] | None = None) -> M:
     """A raw body (bytes or text; or, with decoded=True, a JSON value a front end already
-    parsed) → a validated `schema` instance, or RequestError naming the field at fault."""
+    parsed) → a validated `schema` instance, or RequestError naming the field at fault.
+    context: what a validator needs to know of the service (e.g. its classifier's classes)."""
     value = _json_value(raw, decoded)
     try:
-        return schema.model_validate(value)
+        return schema.model_validate(value, context=context)
     except ValidationError as exc:
         where, message = error_field(exc)
         raise RequestError("invalid_request", where, message) from exc
@@ -279,7 +280,11 @@ class Service:
     # --- the loop -----------------------------------------------------------------------------
     def parse(self, raw: Any, decoded: bool = False, index: int = 0) -> Any:
         """A raw body → a validated job, or RequestError naming the field."""
-        return self.check(parse_body(raw, self.Request, decoded), index)
+        return self.check(parse_body(raw, self.Request, decoded, self.validation_context()), index)
+
+    def validation_context(self) -> dict[str, Any] | None:
+        """Passed to the request model's validators (pydantic's validation context); none by default."""
+        return None
 
     def handle(self, bodies: Sequence[Any], decoded: Sequence[bool] | None = None,
                on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[Outcome]:

@@ -37,7 +37,7 @@ from ..classify import (
     ImageClassifier,
     LatentDecoder,
     StepClassifier,
-    load_vgg16,
+    load_classifier,
     make_decoder,
 )
 from ..generate import to_pil
@@ -63,7 +63,8 @@ class ClassifyConfig(ServiceConfig):
     (decoder "tiny" is a 400), a TAESD folder / hub id, or `random`."""
 
     classifier: str = Field(DEFAULT_CLASSIFIER, json_schema_extra=PATH,
-                            description='VGG-16 weights: file, folder or hub id; "random" only when asked')
+                            description='VGG-16 weights: file, folder or hub id; "random" only when asked; "scenes" '
+                                        '(or scenes:PATH): the scenes label models\' colour × kind classifier')
     tiny_decoder: str = Field("", json_schema_extra=PATH,
                               description='AutoencoderTiny (TAESD) folder or hub id, "random", or "" = none')
     preprocessing: Literal["timm", "caffe"] = Field(
@@ -131,10 +132,10 @@ class ClassifyService(Service):
         the model's device and dtype. input_size overrides the classifier's input side: only to
         make random-weight tests cheap (the weights' own size otherwise)."""
         sd = load_model(config.model, device=config.device, dtype=config.dtype, attention=config.attention)
-        vgg = load_vgg16(config.classifier, sd.device, sd.dtype, preprocessing=config.preprocessing)
+        vgg = load_classifier(config.classifier, sd.device, sd.dtype, preprocessing=config.preprocessing)
         if config.input_size:
             vgg = ImageClassifier(vgg.module, vgg.source, vgg.random_weights, input_size=config.input_size,
-                                  preprocessing=config.preprocessing)
+                                  preprocessing=vgg.preprocessing, classes=vgg.classes, arch=vgg.arch)
         tiny = make_decoder(sd, "tiny", config.tiny_decoder) if config.tiny_decoder else None
         return cls(sd, vgg, config, tiny_decoder=tiny, **kwargs)
 
@@ -148,6 +149,9 @@ class ClassifyService(Service):
         return cls.from_config(config, **extra)
 
     # --- validation ---------------------------------------------------------------------------
+    def validation_context(self) -> dict[str, Any]:
+        return {"classes": self.classifier.classes}  # target_class is one of this classifier's classes
+
     def check(self, req: ClassifyRequest, index: int = 0) -> _Job:
         """A schema-valid request against this service's model, decoders and limits."""
         if req.image is not None:

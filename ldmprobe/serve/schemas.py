@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..classify import MAX_TOP_K, ClassifyResponse, ImageNetClass, imagenet_class
+from ..classify import MAX_TOP_K, ClassifyResponse, ClassSet, ImageNetClass
 from ..intervene import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_ORDER, InterventionSpec
 from ..schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationSettings
 
@@ -204,9 +204,11 @@ class ClassifyRequest(GenerationSettings):
 
     @field_validator("target_class")
     @classmethod
-    def _known_class(cls, v: int | str | None) -> int | str | None:
+    def _known_class(cls, v: int | str | None, info: ValidationInfo) -> int | str | None:
+        """Among the serving classifier's classes (validation context "classes"; ImageNet-1k without one)."""
         if v is not None:
-            imagenet_class(v)  # UnknownClassError is a ValueError: pydantic reports it on this field
+            classes = (info.context or {}).get("classes") or ClassSet.imagenet()
+            classes.resolve(v)  # UnknownClassError is a ValueError: pydantic reports it on this field
         return v
 
     @field_validator("image")
@@ -222,8 +224,8 @@ class ClassifyRequest(GenerationSettings):
             raise ValueError("give either a prompt (classify a generation) or an image (classify a real image)")
         return self
 
-    def target(self) -> ImageNetClass | None:
-        return None if self.target_class is None else imagenet_class(self.target_class)
+    def target(self, classes: ClassSet | None = None) -> ImageNetClass | None:
+        return None if self.target_class is None else (classes or ClassSet.imagenet()).resolve(self.target_class)
 
 
 class ClassifyPreview(ImagePayload):
