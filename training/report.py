@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ldmprobe.atomic import atomic_path, write_json
-from ldmprobe.jsonout import print_line
+from ldmprobe.jsonout import print_line, sanitize
 
 from .fit import PRIMARY, TEST_SEED_OFFSET, per_image_metrics
 from .labels import PROPERTIES
@@ -209,17 +209,6 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _json_ready(obj: Any) -> Any:
-    """NaN → null, so report files are strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    return obj
-
-
 def write_tables(run: Run, props: list[str], out: Path) -> dict[str, str]:
     """Per (property, metric) a layers × steps CSV whose last row is the baseline (the same value
     in every step column: it does not depend on the step), plus the long form and tables.json."""
@@ -243,9 +232,9 @@ def write_tables(run: Run, props: list[str], out: Path) -> dict[str, str]:
     long = [{**{k: r.get(k) for k in fields[:-1]}, "primary": r["metric"] == primary(r["property"])} for r in chosen]
     files["long_csv"] = str(_write_text(out / "tables" / "metrics_long.csv",
                                         _csv_text(fields, [[r[k] for k in fields] for r in long])))
-    files["long_json"] = str(write_json(out / "tables" / "metrics_long.json", _json_ready(long)))
+    files["long_json"] = str(write_json(out / "tables" / "metrics_long.json", sanitize(long)))
     files["tables_json"] = str(write_json(out / "tables" / "tables.json",
-                                          _json_ready({"test_images": run.test_images, "properties": nested})))
+                                          sanitize({"test_images": run.test_images, "properties": nested})))
     return files
 
 
@@ -653,7 +642,7 @@ def make_report(args) -> dict[str, Any]:
     files["figures"]["emergence"] = str(save_png(emergence_figure(run, props, show, curves),
                                                  out / "figures" / "emergence.png"))
     report["files"] = files
-    write_json(out / "report.json", _json_ready(report))
+    write_json(out / "report.json", sanitize(report))
     return report
 
 
