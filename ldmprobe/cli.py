@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "once, faster)")
     i.add_argument("--eval-layer", default=None,
                    help="layer whose probe scores the result (default: the bank's best for the property)")
+    i.add_argument("--protocol", default="ldmprobe", choices=["ldmprobe", "study"],
+                   help="study: the unset options take the study's behaviour (README: Study protocol)")
+    i.add_argument("--depth-target", default=None, choices=["warp", "minmax"],
+                   help="depth edits: warp (the warped map as is) or minmax (the study's: edge-filled, scaled "
+                        "to [-9, 9]) (default: minmax under --protocol study, else warp)")
     i.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
                    help="also run every dx in this range (pixels) and write sweep.gif + sweep.json (default: none)")
     _add_run_args(i, "torch.compile the U-Net and the Adam step")
@@ -346,7 +351,8 @@ def cmd_intervene(args: argparse.Namespace) -> int:
               "dx": args.dx, "dy": args.dy, "target_mask": mask_b64, "loss": args.loss, "eval_layer": args.eval_layer,
               "edit_steps": _steps_list(args.edit_steps),
               "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()],
-              "lr": args.lr, "iterations": args.iterations, "order": args.order}
+              "lr": args.lr, "iterations": args.iterations, "order": args.order, "protocol": args.protocol,
+              "depth_target": args.depth_target}
     try:
         req = InterveneRequest(**fields)
     except ValidationError as exc:

@@ -482,3 +482,22 @@ def test_study_protocol_refuses_a_schedule_the_bank_was_not_fitted_at(sampler, s
     with pytest.raises(iv.InterventionError) as err:
         iv.Intervention(sampler, shifted).resolve(iv.InterventionSpec(protocol="study"), SETTINGS)
     assert err.value.field == "steps" and "differ" in str(err.value)
+
+
+def test_cli_protocol_and_depth_target_reach_the_result(scene_bank, tmp_path, capsys):
+    import json
+
+    from ldmprobe.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["intervene", "--model", "tiny", "--bank", str(scene_bank), "--prompt", PROMPT, "--seed", str(SEED),
+               "--steps", str(SCENE_BANK_STEPS), "--property", "depth", "--dx", "16", "--edit-steps", "0",
+               "--iterations", "2", "--order", "joint", "--protocol", "study", "--depth-target", "warp",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "result.json").read_text())["metadata"]
+    assert meta["protocol"] == "study" and meta["depth_target"] == "warp"  # the explicit option wins over the protocol's
+    with pytest.raises(SystemExit) as exc:  # argparse's choices: exit code 2, one line
+        main(["intervene", "--model", "tiny", "--bank", str(scene_bank), "--prompt", PROMPT, "--out",
+              str(tmp_path / "bad"), "--depth-target", "stretch"])
+    assert exc.value.code == 2 and "--depth-target" in capsys.readouterr().err
