@@ -238,5 +238,6 @@ def load_classifier(source: str | Path = DEFAULT_CLASSIFIER, device: str | torch
     except (OSError, ValueError) as exc:
         raise WeightsSourceError(f"classifier {source!r}: {_first_line(exc)}") from None
     module = _LabelModelClassifier(lm).to(device=device).eval().requires_grad_(False)
-    return ImageClassifier(module, lm.source, False, input_size=lm.input_size, preprocessing="unit",
-                           classes=ClassSet.from_names("scenes", list(lm.class_names)), arch=lm.classifier_arch)
+    return ImageClassifier(module, lm.source, False, input_size=lm.size, preprocessing="unit",
+                           classes=ClassSet.from_names("scenes", list(lm.class_names)),
+                           arch="VGG-16 layout, narrowed (timm VGG; ldmprobe.label_models)")
