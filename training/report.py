@@ -445,7 +445,8 @@ def scene_example(ctx: Context, seed: int, layers: Sequence[str] = ()) -> Exampl
     from .scenes import render_scene
 
     sampler = ctx.sampler
-    scene = render_scene(seed, ctx.size)
+    # the model's own world (world.json of a trained model such as scenes), as the fitting job's test scenes
+    scene = render_scene(seed, ctx.size, **((sampler.model.world() or {}).get("render_options") or {}))
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None] / 255
     ex = ctx.scenes.get(seed)
     if ex is None:
