@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the first prompt of a text prompt file, +1 per line (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file (default: all)")
     p.add_argument("--labels", action="append", default=[], metavar="SPEC",
-                   help="generated mode label source: dpt:PATH_OR_HUB_ID (depth) or files:DIR; repeatable "
+                   help="generated mode label source: dpt:PATH_OR_HUB_ID (depth), files:DIR, or scenes: (the shipped "
+                        "scenes label models: foreground, depth, shading) / scenes:DIR (a trained folder); repeatable "
                         "(default: none; generated mode needs one)")
     p.add_argument("--protocol", choices=["ldmprobe", "study"], default="ldmprobe",
                    help="study: every audited difference the study's way, README: Study protocol (default: ldmprobe)")
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sources(args, opts: JobOptions, sampler, settings, layers):
     from .data import PromptSource, SceneSource
-    from .labels import DepthModel, LabelFiles
+    from .labels import DepthModel, LabelFiles, SceneLabelModels
     from .prompts import load_prompts, named_split, study_split
 
     if args.mode == "noised":
@@ -360,7 +361,7 @@ def _sources(args, opts: JobOptions, sampler, settings, layers):
 
     train_items, test_items = items(args.prompts, "train"), items(args.test_prompts, "test")
     if not args.labels:
-        raise JobError("--labels: generated mode needs at least one label source (dpt:… or files:…)")
+        raise JobError("--labels: generated mode needs at least one label source (dpt:…, files:… or scenes:)")
     sources, names = [], []
     for spec in args.labels:
         kind, _, target = spec.partition(":")
@@ -368,8 +369,10 @@ def _sources(args, opts: JobOptions, sampler, settings, layers):
             sources.append(DepthModel(target, sampler.model.device))
         elif kind == "files" and target:
             sources.append(LabelFiles(target, mask_threshold=opts.mask_threshold))
+        elif kind == "scenes":  # scenes: the shipped label models, scenes:DIR a trained folder
+            sources.append(SceneLabelModels(target or None, sampler.model.device, mask_threshold=opts.mask_threshold))
         else:
-            raise JobError(f"--labels: {spec!r} is not dpt:PATH_OR_ID or files:DIR")
+            raise JobError(f"--labels: {spec!r} is not dpt:PATH_OR_ID or files:DIR or scenes:[DIR]")
         names.append(spec)
     return (PromptSource(sampler, settings, layers, train_items, sources, names),
             PromptSource(sampler, settings, layers, test_items, sources, names))

@@ -7,6 +7,9 @@
   in the layout `<root>/<property>/<id>.png|.npy|.safetensors` (PNG masks: value >
   `mask_threshold` is foreground, 127 by default (≥ 128), 0 under the study protocol; PNG maps:
   value / 255; .npy / .safetensors (tensor "label"): float maps).
+- `SceneLabelModels` (`scenes:` / `scenes:PATH` in the jobs' --labels): the scenes world's label
+  models (ldmprobe.label_models; the shipped ones or a trained folder), in the roles of TRACER,
+  MiDaS and the shading estimator: foreground mask, relative inverse depth, shading.
 - `scene_labels`: exact labels of procedurally rendered scenes (training.scenes): the mask,
   inverse z-depth (same convention as the depth models), and Lambertian shading.
 """
@@ -116,6 +119,37 @@ class LabelFiles:
     def __call__(self, images: torch.Tensor, ids: list[str]) -> dict[str, torch.Tensor]:
         size = tuple(images.shape[-2:])
         return {p: torch.stack([self._read(p, i, size) for i in ids]) for p in self.properties}
+
+
+class SceneLabelModels:
+    """foreground, depth and shading from the scenes world's label models (`ldmprobe.label_models`):
+    the shipped ones (`source` None or "") or a folder written by `python -m training.label_models`.
+
+    foreground: the segmenter's probability P is written as the uint8 value round(255 P), then
+    thresholded exactly as `LabelFiles` thresholds a saved PNG mask: foreground where value >
+    `mask_threshold` (127 by default, i.e. P ≥ 0.5; 0 under the study protocol, its rule for TRACER's
+    soft maps: every faintly salient pixel counts). A 0/1 float mask.
+    depth: relative inverse depth (larger = nearer, geometric mean 1 per image), MiDaS's convention.
+    shading: Lambertian shading in [0, 1] (no ambient, hard shadows; sky = 1)."""
+
+    properties = ("foreground", "depth", "shading")
+
+    def __init__(self, source: str | Path | None = None, device: str | torch.device = "cpu", mask_threshold: int = 127):
+        from ldmprobe.label_models import LabelModelError, load_label_models
+
+        if not 0 <= int(mask_threshold) <= 254:
+            raise LabelError(f"mask threshold must be 0…254 (foreground: value > threshold), got {mask_threshold}")
+        self.mask_threshold = int(mask_threshold)
+        try:
+            self.models = load_label_models(str(source) if source else None, device)
+        except LabelModelError as exc:
+            raise LabelError(str(exc)) from exc
+        self.source = self.models.source
+
+    def __call__(self, images: torch.Tensor, ids: list[str]) -> dict[str, torch.Tensor]:
+        maps = self.models.maps(images.float())
+        value = (maps["foreground"] * 255).round()
+        return {"foreground": (value > self.mask_threshold).float(), "depth": maps["depth"], "shading": maps["shading"]}
 
 
 def scene_labels(scenes) -> dict[str, torch.Tensor]:

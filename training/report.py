@@ -396,7 +396,7 @@ class Context:
     sampler: Any
     bank: Any
     settings: Any
-    curve: Any = None  # a label source run on decoded images (training.labels.DepthModel)
+    curve: Any = None  # a label source run on decoded images (training.labels.DepthModel or SceneLabelModels)
     curve_name: str = ""
     scenes: dict[int, Example] = field(default_factory=dict)  # Figure 4's scene is also a test item
 
@@ -422,18 +422,25 @@ def open_context(args, run: Run) -> Context:
     # The bank's own schedule: the timesteps its probes were fitted at.
     ctx = Context(Sampler(model, timestep_spacing=bank.extra.get("timestep_spacing_option", "study")), bank, settings)
     if args.curve_model:
-        from .labels import DepthModel
+        from .labels import DepthModel, SceneLabelModels
 
-        target = curve_target(args.curve_model)
-        ctx.curve, ctx.curve_name = DepthModel(target, model.device), f"DPT ({Path(target).name})"
+        kind, target = curve_target(args.curve_model)
+        if kind == "dpt":
+            ctx.curve, ctx.curve_name = DepthModel(target, model.device), f"DPT ({Path(target).name})"
+        else:  # the scenes world's label models: foreground, depth and shading curves
+            ctx.curve = SceneLabelModels(target or None, model.device)
+            ctx.curve_name = f"scenes label models ({Path(target).name if target else 'shipped'})"
     return ctx
 
 
-def curve_target(spec: str) -> str:
+def curve_target(spec: str) -> tuple[str, str]:
+    """(kind, target) of a --curve-model spec: dpt:PATH_OR_HUB_ID, scenes: (shipped) or scenes:DIR."""
     kind, _, target = spec.partition(":")
+    if kind == "scenes":
+        return kind, target
     if kind != "dpt" or not target:
-        raise ReportError(f"--curve-model: {spec!r} is not dpt:PATH_OR_HUB_ID")
-    return target
+        raise ReportError(f"--curve-model: {spec!r} is not dpt:PATH_OR_HUB_ID, scenes: or scenes:DIR")
+    return kind, target
 
 
 def scene_example(ctx: Context, seed: int, layers: Sequence[str] = ()) -> Example:
@@ -578,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure4-seed", type=int, default=None, help="seed of --figure4-prompt (default 0)")
     p.add_argument("--figure4-steps", default=None, help="'all' or e.g. 0,2,4 (default: ≤ 8 steps shown)")
     p.add_argument("--curve-model", default=None, metavar="dpt:PATH",
-                   help="label model run on every step's decoded image, scored against the final labels (default: none)")
+                   help="label model run on every step's decoded image, scored against the final labels: dpt:PATH_OR_HUB_ID, "
+                        "scenes: (the shipped scenes label models) or scenes:DIR (default: none)")
     p.add_argument("--curve-items", type=int, default=8, help="test items the curve model is scored on (default: 8)")
     p.add_argument("--curve-prompts", type=Path, default=None,
                    help="generated mode: test prompts for the curve model (default: the study's test split)")

@@ -1,0 +1,275 @@
+"""Label models of the scenes world: small networks trained on rendered scenes with exact labels,
+in the roles the study's off-the-shelf models played on SD v1.4's images.
+
+| study's model                        | here                          | output                              |
+|--------------------------------------|-------------------------------|-------------------------------------|
+| TRACER (salient-object segmenter)    | `LabelModels.foreground`      | P(foreground) [N, H, W] in [0, 1]   |
+| MiDaS DPT_Large (relative depth)     | `LabelModels.depth`           | relative inverse depth [N, H, W]    |
+| intrinsic-image shading estimator    | `LabelModels.shading`         | Lambertian shading [N, H, W]        |
+| VGG-16 (ImageNet classifier)         | `LabelModels.classify`        | logits [N, 24] over colour × kind   |
+
+The three dense maps come from one network (`DenseLabelNet`: a shared U-Net-like trunk with a head
+of three channels), the classifier is VGG-16's layer layout narrowed (`vgg_classifier`, built with
+timm's VGG). Both run at 128×128 (the scenes model's image size); other sizes (multiples of 8) are
+resized in and the maps resized back out. They are trained by `python -m training.label_models`
+(augmented with blur, noise, colour jitter and resolution loss, because they are applied to the
+scenes model's generated images and to blurry intermediate decodes); the shipped folder is
+`ldmprobe/weights/scenes-labels/` with its model card.
+
+Depth convention (MiDaS's, as training/labels.py): larger = nearer. The network predicts log
+inverse depth up to an additive constant (it is trained with a shift-invariant loss, so up to a
+scale in inverse depth, as MiDaS); `depth()` returns exp of it normalised per image so that the
+geometric mean over the image is 1. Only ranks and ratios within an image mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SCENES_LABELS_DIR = WEIGHTS_DIR / "scenes-labels"
+FORMAT = "ldmprobe-label-models"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+DENSE_FILE = "dense.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
+DENSE_CHANNELS = ("foreground", "depth", "shading")  # the dense head's output channels, in order
+
+
+class LabelModelError(ValueError):
+    """A label-model folder that cannot be loaded; the message names the folder or file."""
+
+
+# ---------------------------------------------------------------- architectures
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    """Two 3×3 conv + BN + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DenseLabelNet(nn.Module):
+    """A small U-Net with one shared trunk and a 3-channel head: foreground logit, log inverse depth
+    (up to a constant), shading logit. The stem halves the resolution (the encoder-decoder works at
+    1/2 … 1/16 of the input), and a light full-resolution refinement (upsampled features + the image)
+    restores sharp object edges at the cost of one 3×3 conv at full size."""
+
+    def __init__(self, widths=(16, 32, 48, 64), refine: int = 8):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if len(widths) < 2:
+            raise ValueError("widths needs at least two levels")
+        self.widths = widths
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.enc = nn.ModuleList([_block(widths[0], widths[0])] +
+                                 [_block(widths[i - 1], widths[i]) for i in range(1, len(widths))])
+        self.dec = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1)])
+        self.refine = nn.Sequential(nn.Conv2d(widths[0] + 3, refine, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(refine), nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(refine, len(DENSE_CHANNELS), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [0, 1] (H, W multiples of 2**len(widths)) → [N, 3, H, W] raw outputs."""
+        skips = []
+        h = self.stem(x * 2 - 1)
+        for i, block in enumerate(self.enc):
+            if i:
+                h = F.max_pool2d(h, 2)
+            h = block(h)
+            skips.append(h)
+        for i in reversed(range(len(self.dec))):
+            h = F.interpolate(h, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
+            h = self.dec[i](torch.cat([h, skips[i]], 1))
+        h = F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(self.refine(torch.cat([h, x * 2 - 1], 1)))
+
+
+def vgg_cfg(widths=(8, 16, 32, 64, 64)) -> list:
+    """VGG-16's layer layout (configuration "D": 2, 2, 3, 3, 3 convs per stage, max-pool after each)
+    with the stage widths given (VGG-16's own are 64, 128, 256, 512, 512)."""
+    per_stage = (2, 2, 3, 3, 3)
+    if len(widths) != 5:
+        raise ValueError("VGG-16 has five stages: give five widths")
+    cfg: list = []
+    for n, w in zip(per_stage, widths, strict=True):
+        cfg += [int(w)] * n + ["M"]
+    return cfg
+
+
+def vgg_classifier(num_classes: int, widths=(8, 16, 32, 64, 64), hidden: int = 128, head_kernel: int = 1) -> nn.Module:
+    """timm's VGG with a custom (narrowed) cfg and batch norm: 13 3×3 convs in 5 stages with max-pools.
+    timm's head is hard-wired to VGG-16's 4096-wide 7×7 "fc6" conv (12.8 M parameters at these widths),
+    so it is replaced by the same two-layer ConvMlp at `hidden` width with a `head_kernel` × `head_kernel`
+    first conv, then timm's ClassifierHead (global average pool + linear). head_kernel 4 covers the
+    final 4×4 map at 128×128 (as fc6's 7×7 covers 224 / 32); 1 (the default) makes the head
+    translation-invariant, which trained far better here (a 4×4 kernel: top-1 0.46 after 600 steps)."""
+    from timm.layers import ClassifierHead
+    from timm.models.vgg import VGG, ConvMlp
+
+    model = VGG(vgg_cfg(widths), num_classes=num_classes, norm_layer=nn.BatchNorm2d)
+    model.pre_logits = ConvMlp(model.num_features, hidden, kernel_size=int(head_kernel), drop_rate=0.0)
+    model.head = ClassifierHead(hidden, num_classes, pool_type="avg")
+    model.head_hidden_size = hidden
+    return model
+
+
+def class_names(colors, kinds) -> list[str]:
+    return [f"{c} {k}" for c in colors for k in kinds]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [N, 3, H, W] in [0, 1], got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+    h, w = images.shape[-2:]
+    if h % 8 or w % 8 or h == 0 or w == 0:
+        raise ValueError(f"image height and width must be positive multiples of 8, got {h}×{w}")
+    return images
+
+
+@dataclass
+class LabelModels:
+    """The loaded label models; every method takes float images [N, 3, H, W] in [0, 1]."""
+
+    dense: nn.Module
+    classifier: nn.Module
+    class_names: list[str]
+    config: dict
+    source: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 32
+
+    @property
+    def size(self) -> int:
+        return int(self.config["size"])
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """name → module: "dense" (segmenter, depth and shading: one trunk, three head channels) and
+        "classifier"."""
+        return {"dense": self.dense, "classifier": self.classifier}
+
+    def class_index(self, colour: str, kind: str) -> int:
+        """Index of "colour kind" in `class_names` ("cube" counts as "box")."""
+        name = f"{colour} {'box' if kind == 'cube' else kind}"
+        if name not in self.class_names:
+            raise KeyError(f"no class {name!r}; classes are colour × kind of {self.class_names[:3]}…")
+        return self.class_names.index(name)
+
+    def _inputs(self, images: torch.Tensor):
+        images = _check_images(images)
+        size = (self.size, self.size)
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start:start + self.batch_size].to(self.device, torch.float32).clamp(0, 1)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            yield x
+
+    @torch.no_grad()
+    def _dense(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw dense outputs at the input's size: [N, 3, H, W] (fg logit, log inv depth, shading logit)."""
+        out = [self.dense(x) for x in self._inputs(images)]
+        raw = torch.cat(out)
+        if tuple(raw.shape[-2:]) != tuple(images.shape[-2:]):
+            raw = F.interpolate(raw, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return raw
+
+    def foreground(self, images: torch.Tensor) -> torch.Tensor:
+        """P(foreground) per pixel, [N, H, W] float32 in [0, 1]."""
+        return torch.sigmoid(self._dense(images)[:, 0]).float().cpu()
+
+    def depth(self, images: torch.Tensor) -> torch.Tensor:
+        """Relative inverse depth (larger = nearer), [N, H, W] float32 > 0, geometric mean 1 per image."""
+        log_inv = self._dense(images)[:, 1].double()
+        log_inv = log_inv - log_inv.flatten(1).mean(1)[:, None, None]
+        return log_inv.exp().float().cpu()
+
+    def shading(self, images: torch.Tensor) -> torch.Tensor:
+        """Lambertian shading max(0, n·l) with hard shadows (sky = 1), [N, H, W] float32 in [0, 1]."""
+        return torch.sigmoid(self._dense(images)[:, 2]).float().cpu()
+
+    def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All three dense maps from one forward pass: {foreground, depth, shading}."""
+        raw = self._dense(images)
+        log_inv = raw[:, 1].double()
+        log_inv = log_inv - log_inv.flatten(1).mean(1)[:, None, None]
+        return {"foreground": torch.sigmoid(raw[:, 0]).float().cpu(), "depth": log_inv.exp().float().cpu(),
+                "shading": torch.sigmoid(raw[:, 2]).float().cpu()}
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over `class_names`, [N, C] float32."""
+        return torch.cat([self.classifier(x) for x in self._inputs(images)]).float().cpu()
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LabelModelError(f"label models: missing weight file {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise LabelModelError(f"label models: unreadable weight file {path} ({type(exc).__name__}: {exc})") from exc
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise LabelModelError(
+            f"label models: {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]} ({len(missing)}/{len(unexpected)}/{len(wrong)})")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def build_modules(config: dict) -> tuple[nn.Module, nn.Module]:
+    """The two networks a config describes, with fresh weights."""
+    dense = DenseLabelNet(**config["dense"])
+    classifier = vgg_classifier(len(config["class_names"]), **config["classifier"])
+    return dense, classifier
+
+
+def load_label_models(path: str | Path | None = None, device: str | torch.device = "cpu") -> LabelModels:
+    """Load a label-model folder (default: the shipped `ldmprobe/weights/scenes-labels/`): its
+    `config.json`, `dense.safetensors` and `classifier.safetensors`. A missing or mismatched file is a
+    `LabelModelError` (a ValueError) naming it."""
+    folder = Path(path).expanduser() if path is not None else SCENES_LABELS_DIR
+    if not folder.is_dir():
+        hint = " (train them with `python -m training.label_models --out DIR`)" if path is None else ""
+        raise LabelModelError(f"label models: folder {folder} does not exist{hint}")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise LabelModelError(f"label models: missing {config_path}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabelModelError(f"label models: unreadable {config_path} ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise LabelModelError(f"label models: {config_path} is not a {FORMAT} config")
+    if config.get("version") != FORMAT_VERSION:
+        raise LabelModelError(f"label models: {config_path} has version {config.get('version')!r}, "
+                              f"this ldmprobe reads {FORMAT_VERSION}")
+    try:
+        dense, classifier = build_modules(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LabelModelError(f"label models: {config_path} describes no valid networks ({exc!r})") from exc
+    _load_weights(dense, folder / config.get("files", {}).get("dense", DENSE_FILE))
+    _load_weights(classifier, folder / config.get("files", {}).get("classifier", CLASSIFIER_FILE))
+    dev = torch.device(device)
+    for m in (dense, classifier):
+        m.to(dev).eval().requires_grad_(False)
+    return LabelModels(dense, classifier, list(config["class_names"]), config, str(folder), dev)

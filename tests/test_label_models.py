@@ -1,0 +1,261 @@
+"""The scenes world's label models: known answers of the shipped models on fresh renders, the loader's
+contract, the `scenes:` label source of the fitting job, and a smoke run of the training job."""
+
+import hashlib
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ldmprobe.label_models import SCENES_LABELS_DIR, LabelModelError, LabelModels, load_label_models
+from ldmprobe.metrics import dice, spearman
+from training.label_models import TEST_SEED_OFFSET, TRAIN_SEED_OFFSET, gaussian_blur, main, render_set, to_float
+from training.scenes import KINDS, MODEL_COLORS, MODEL_SCENES, render_scene
+
+N_TEST = 32
+
+
+@pytest.fixture(scope="module")
+def shipped() -> LabelModels:
+    return load_label_models()
+
+
+@pytest.fixture(scope="module")
+def renders():
+    """Fresh renders of the scenes world, seeds the training job never uses (its training seeds start at
+    TRAIN_SEED_OFFSET, its held-out evaluation at EVAL_SEED_OFFSET)."""
+    return render_set(range(TEST_SEED_OFFSET, TEST_SEED_OFFSET + N_TEST))
+
+
+def _figures(models: LabelModels, data, blur: float = 0.0) -> dict[str, float]:
+    """Per-image figures through the public methods (not the job's evaluate), averaged."""
+    x = to_float(data["image"])
+    if blur:
+        x = gaussian_blur(x, blur)
+    fg, depth, shading = models.foreground(x), models.depth(x), models.shading(x)
+    valid = torch.from_numpy(data["valid"])
+    inv = torch.from_numpy(1.0 / data["depth"])
+    sh = torch.from_numpy(data["shading"])
+    d = dice(fg, torch.from_numpy(data["mask"]))
+    rho_d = [float(spearman(depth[i][valid[i]][None], inv[i][valid[i]][None])[0]) for i in range(len(x))]
+    rho_s = [float(spearman(shading[i][valid[i]][None], sh[i][valid[i]][None])[0]) for i in range(len(x))]
+    pred = models.classify(x).argmax(1).tolist()
+    return {"dice": float(d.mean()), "depth": float(np.nanmean(rho_d)), "shading": float(np.nanmean(rho_s)),
+            "top1": float(np.mean([p == t for p, t in zip(pred, data["label"].tolist(), strict=True)]))}
+
+
+def test_shipped_models_meet_their_targets_on_fresh_clean_renders(shipped, renders):
+    """Targets: Dice ≥ 0.9, depth Spearman ≥ 0.9, top-1 ≥ 0.9. Shading is held to 0.7, not the 0.8 aimed
+    at: per image over valid pixels its label is mostly one tie (the flat, evenly lit floor), and any
+    inexact predictor is ranked within that tie at random; the exact label plus N(0, 0.02) noise
+    scores only about 0.80 (test_shading_spearman_is_tie_bound measures it)."""
+    f = _figures(shipped, renders)
+    assert f["dice"] >= 0.9, f
+    assert f["depth"] >= 0.9, f
+    assert f["shading"] >= 0.7, f
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped classifier's top-1 is about 0.5 (colour ~0.9, kind ~0.6), "
+                                       "short of the 0.9 target: not met yet (card.md)")
+def test_shipped_classifier_meets_its_target(shipped, renders):
+    assert _figures(shipped, renders)["top1"] >= 0.9
+
+
+def test_shipped_classifier_is_far_above_chance(shipped, renders):
+    """What the shipped classifier does reach (the floor a regression would break): top-1 well above
+    chance (1/24) and the colour of its answer mostly right."""
+    pred = shipped.classify(to_float(renders["image"])).argmax(1).numpy()
+    assert (pred == renders["label"]).mean() >= 0.35
+    assert (pred // len(KINDS) == renders["label"] // len(KINDS)).mean() >= 0.8
+
+
+def test_shading_spearman_is_tie_bound(renders):
+    """Why the shading threshold is relaxed: the exact label with a little noise loses most of the way to 0.8."""
+    t = torch.from_numpy(renders["shading"])
+    valid = torch.from_numpy(renders["valid"])
+    gen = torch.Generator().manual_seed(0)
+    rho = [float(spearman((t[i][valid[i]] + 0.02 * torch.randn(int(valid[i].sum()), generator=gen))[None],
+                          t[i][valid[i]][None])[0]) for i in range(len(t))]
+    assert np.nanmean(rho) < 0.87
+
+
+def test_shipped_models_are_robust_to_blur(shipped, renders):
+    """Applied to blurry intermediate decodes: on renders blurred by σ = 1.5 px the figures stay close to
+    the clean thresholds (relaxed by 0.05, since blur removes the edge and shading detail they are scored on)."""
+    f = _figures(shipped, renders, blur=1.5)
+    assert f["dice"] >= 0.85, f
+    assert f["depth"] >= 0.85, f
+    assert f["shading"] >= 0.65, f
+    assert f["top1"] >= 0.35, f  # the classifier's clean level (see above), kept under blur
+
+
+def test_classifier_names_the_rendered_object(shipped):
+    """class_index(colour, kind) of each render's own object ranks high among the 24 logits (a cube
+    counts as a box), and the argmax names the right colour in most renders."""
+    ranks, colours = [], 0
+    scenes = [render_scene(TEST_SEED_OFFSET + 100 + i, 128, **MODEL_SCENES) for i in range(16)]
+    logits = shipped.classify(to_float(np.stack([s.image for s in scenes])))
+    for s, row in zip(scenes, logits, strict=True):
+        (obj,) = s.spec.objects
+        target = shipped.class_index(obj.material.color, obj.kind)
+        ranks.append(int((row > row[target]).sum()))
+        colours += shipped.class_names[int(row.argmax())].split()[0] == obj.material.color
+    assert np.mean([r < 3 for r in ranks]) >= 0.8 and colours >= 12, (ranks, colours)
+    assert shipped.class_index("red", "cube") == shipped.class_index("red", "box")
+    with pytest.raises(KeyError, match="white sphere"):
+        shipped.class_index("white", "sphere")
+
+
+def test_outputs_shapes_ranges_and_conventions(shipped, renders):
+    assert shipped.class_names == [f"{c} {k}" for c in MODEL_COLORS for k in KINDS]
+    assert set(shipped.modules) == {"dense", "classifier"} and all(not m.training for m in shipped.modules.values())
+    assert str(SCENES_LABELS_DIR) == shipped.source
+    x = to_float(renders["image"][:4])
+    fg, depth, shading, logits = shipped.foreground(x), shipped.depth(x), shipped.shading(x), shipped.classify(x)
+    assert fg.shape == depth.shape == shading.shape == (4, 128, 128) and logits.shape == (4, 24)
+    assert all(t.dtype == torch.float32 for t in (fg, depth, shading, logits))
+    assert 0 <= fg.min() and fg.max() <= 1 and 0 <= shading.min() and shading.max() <= 1 and depth.min() > 0
+    assert torch.allclose(depth.log().flatten(1).mean(1), torch.zeros(4), atol=1e-4)  # geometric mean 1
+    # larger = nearer: the object (in front of the floor behind it) is nearer than the sky / far floor
+    inv = torch.from_numpy(1.0 / renders["depth"][:4])
+    assert all(float(spearman(depth[i][None], inv[i][None])[0]) > 0.8 for i in range(4))
+    # other sizes (multiples of 8) are resized in and out
+    small = torch.nn.functional.interpolate(x, size=(64, 96), mode="bilinear", antialias=True)
+    assert shipped.foreground(small).shape == (4, 64, 96) and shipped.classify(small).shape == (4, 24)
+    # batching does not change answers (eval-mode batch norm)
+    one = torch.cat([shipped.foreground(x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(one, fg, atol=1e-5)
+    maps = shipped.maps(x)
+    assert torch.allclose(maps["foreground"], fg) and torch.allclose(maps["depth"], depth)
+    for bad in (torch.rand(1, 3, 60, 64), torch.rand(1, 1, 64, 64), (torch.rand(1, 3, 64, 64) * 255).byte()):
+        with pytest.raises(ValueError):
+            shipped.foreground(bad)
+
+
+def test_shipped_card_matches_the_files():
+    card = json.loads((SCENES_LABELS_DIR / "card.json").read_text())
+    for name, entry in card["files"].items():
+        path = SCENES_LABELS_DIR / name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"], name
+        assert path.stat().st_size == entry["bytes"]
+    weights = sum((SCENES_LABELS_DIR / n).stat().st_size for n in card["files"] if n.endswith(".safetensors"))
+    assert weights <= 3 * 2**20
+    clean = card["figures"]["clean"]
+    assert card["meets_targets"] == {k: clean[k] >= v for k, v in card["targets"].items()}
+    assert clean["images"] == card["eval_scenes"] and card["eval_seeds"][0] > card["train_seeds"][1]
+
+
+def test_loader_names_what_is_missing_or_wrong(tmp_path):
+    with pytest.raises(LabelModelError, match="no-such-folder.*does not exist"):
+        load_label_models(tmp_path / "no-such-folder")
+    assert issubclass(LabelModelError, ValueError)
+    folder = tmp_path / "copy"
+    shutil.copytree(SCENES_LABELS_DIR, folder)
+    (folder / "dense.safetensors").unlink()
+    with pytest.raises(LabelModelError, match="missing weight file .*dense.safetensors"):
+        load_label_models(folder)
+    shutil.copy(SCENES_LABELS_DIR / "dense.safetensors", folder / "dense.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["dense"]["widths"] = [w * 2 for w in config["dense"]["widths"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LabelModelError, match="dense.safetensors does not match its config"):
+        load_label_models(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(LabelModelError, match="unreadable .*config.json"):
+        load_label_models(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(LabelModelError, match="missing .*config.json"):
+        load_label_models(folder)
+
+
+def test_scenes_label_source(shipped, renders):
+    from training.labels import LabelError, SceneLabelModels, merge_labels
+
+    x = to_float(renders["image"][:6])
+    source = SceneLabelModels()
+    out = source(x, [str(i) for i in range(6)])
+    assert set(out) == set(source.properties) == {"foreground", "depth", "shading"}
+    assert all(v.shape == (6, 128, 128) and v.dtype == torch.float32 for v in out.values())
+    assert set(out["foreground"].unique().tolist()) <= {0.0, 1.0}
+    p = shipped.foreground(x)
+    assert torch.equal(out["foreground"], ((p * 255).round() > 127).float())  # PNG-mask rule, P ≥ 0.5
+    assert torch.allclose(out["depth"], shipped.depth(x)) and torch.allclose(out["shading"], shipped.shading(x))
+    study = SceneLabelModels(mask_threshold=0)(x, [])  # the study's rule for TRACER: any salient pixel
+    assert (study["foreground"] >= out["foreground"]).all() and study["foreground"].sum() >= out["foreground"].sum()
+    assert float(dice(out["foreground"], torch.from_numpy(renders["mask"][:6])).mean()) > 0.85
+    merge_labels(out)  # one source, three properties
+    with pytest.raises(LabelError, match="no/such/labels"):
+        SceneLabelModels("/no/such/labels")
+
+
+def test_fit_and_report_accept_scenes_labels(tmp_path):
+    from training.fit import _sources, build_parser
+    from training.labels import LabelError, SceneLabelModels
+    from training.recipes import resolve
+    from training.report import ReportError, curve_target
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red sphere on a grey floor\n")
+    sampler = SimpleNamespace(model=SimpleNamespace(device=torch.device("cpu")))
+    base = ["--mode", "generated", "--prompts", str(prompts), "--test-prompts", str(prompts), "--out", str(tmp_path / "o")]
+    seen = {}
+    for spec, protocol in (("scenes:", "ldmprobe"), ("scenes", "study"), (f"scenes:{SCENES_LABELS_DIR}", "ldmprobe")):
+        args = build_parser().parse_args([*base, "--labels", spec, "--protocol", protocol])
+        train, test = _sources(args, resolve(args), sampler, None, ("mid.0",))
+        (src,) = train.sources
+        assert isinstance(src, SceneLabelModels) and src.source == str(SCENES_LABELS_DIR)
+        seen[spec] = src.mask_threshold
+    assert seen == {"scenes:": 127, "scenes": 0, f"scenes:{SCENES_LABELS_DIR}": 127}
+    args = build_parser().parse_args([*base, "--labels", f"scenes:{tmp_path / 'none'}"])
+    with pytest.raises(LabelError, match="none"):
+        _sources(args, resolve(args), sampler, None, ("mid.0",))
+    assert curve_target("scenes:") == ("scenes", "") and curve_target("dpt:x") == ("dpt", "x")
+    with pytest.raises(ReportError, match="scenes:DIR"):
+        curve_target("magic:x")
+
+
+def test_augmentation_helpers():
+    from training.label_models import augment
+
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(gaussian_blur(x, 0.0), x)
+    blurred = gaussian_blur(x, torch.tensor([0.0, 1.0, 3.0]))
+    assert torch.allclose(blurred[0], x[0]) and blurred[1].std() > blurred[2].std()
+    images = (np.random.default_rng(0).random((4, 32, 32, 3)) * 255).astype(np.uint8)
+    a = augment(images.copy(), np.random.default_rng(5))
+    b = augment(images.copy(), np.random.default_rng(5))
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    assert not torch.equal(a, augment(images.copy(), np.random.default_rng(6)))
+
+
+def test_training_job_smoke(tmp_path, capsys):
+    out = tmp_path / "labels"
+    argv = ["--out", str(out), "--scenes", "12", "--eval-scenes", "4", "--dense-steps", "2", "--classifier-steps", "2",
+            "--batch", "4", "--dense-widths", "8,8,8", "--vgg-widths", "4,4,8,8,8", "--vgg-hidden", "8",
+            "--eval-blur", "2", "--no-progress"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    card = json.loads((out / "card.json").read_text())
+    assert card["command"] == "python -m training.label_models " + " ".join(argv)
+    assert card["seed"] == 0 and card["train_seeds"] == [TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 11]
+    assert set(card["wall_s"]) == {"render", "dense", "classifier", "evaluate"}
+    assert set(card["figures"]) == {"clean", "blur σ=2"}
+    assert set(card["figures"]["clean"]) >= {"dice", "depth_spearman", "shading_spearman", "top1"}
+    assert set(card["files"]) == {"config.json", "dense.safetensors", "classifier.safetensors"}
+    for name, entry in card["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+    assert "## Held-out figures" in (out / "card.md").read_text()
+    models = load_label_models(out)
+    assert models.source == str(out) and models.modules["dense"].widths == (8, 8, 8)
+    x = to_float(render_set([TEST_SEED_OFFSET])["image"])
+    assert models.depth(x).shape == (1, 128, 128) and models.classify(x).shape == (1, 24)
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_training_job_rejects_bad_input(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path), "--vgg-widths", "4,4,4"])
+    assert exc.value.code == 2
