@@ -105,13 +105,16 @@ def vgg_cfg(widths=(8, 16, 32, 64, 64)) -> list:
     return cfg
 
 
-def vgg_classifier(num_classes: int, widths=(8, 16, 32, 64, 64), hidden: int = 128, head_kernel: int = 1) -> nn.Module:
+def vgg_classifier(num_classes: int, widths=(8, 16, 32, 64, 64), hidden: int = 128, head_kernel: int = 1,
+                   input_size: int | None = None) -> nn.Module:
     """timm's VGG with a custom (narrowed) cfg and batch norm: 13 3×3 convs in 5 stages with max-pools.
     timm's head is hard-wired to VGG-16's 4096-wide 7×7 "fc6" conv (12.8 M parameters at these widths),
     so it is replaced by the same two-layer ConvMlp at `hidden` width with a `head_kernel` × `head_kernel`
     first conv, then timm's ClassifierHead (global average pool + linear). head_kernel 4 covers the
     final 4×4 map at 128×128 (as fc6's 7×7 covers 224 / 32); 1 (the default) makes the head
-    translation-invariant, which trained far better here (a 4×4 kernel: top-1 0.46 after 600 steps)."""
+    translation-invariant, which trained far better here (a 4×4 kernel: top-1 0.46 after 600 steps).
+    input_size: the side images are resized to before the classifier (None: the models' size, 128);
+    recorded in the config, used by `LabelModels.classify`."""
     from timm.layers import ClassifierHead
     from timm.models.vgg import VGG, ConvMlp
 
@@ -210,10 +213,19 @@ class LabelModels:
         return {"foreground": torch.sigmoid(raw[:, 0]).float().cpu(), "depth": log_inv.exp().float().cpu(),
                 "shading": torch.sigmoid(raw[:, 2]).float().cpu()}
 
+    @property
+    def classifier_size(self) -> int:
+        """The classifier's input side (images are resized to it; the dense model's is `size`)."""
+        return int(self.config["classifier"].get("input_size") or self.size)
+
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Logits over `class_names`, [N, C] float32."""
-        return torch.cat([self.classifier(x) for x in self._inputs(images)]).float().cpu()
+        s = self.classifier_size
+        return torch.cat([self.classifier(x if x.shape[-1] == s else
+                                          F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                                                        antialias=True))
+                          for x in self._inputs(images)]).float().cpu()
 
 
 def _load_weights(module: nn.Module, path: Path) -> None:

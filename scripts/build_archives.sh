@@ -96,6 +96,13 @@ if "bank" in handler:
 for key, var in (("classifier", "CLASSIFIER"), ("tiny_decoder", "TINY_DECODER")):
     if key in handler and env[var]:
         handler[key] = env[var]
+# the built-in scenes model comes with its label models: its colour × kind classifier classifies,
+# its foreground / depth models score interventions beside the probe
+if env["MODEL"] == "scenes":
+    if "classifier" in handler and not env["CLASSIFIER"]:
+        handler["classifier"] = "scenes"
+    if "label_models" in handler and not handler["label_models"]:
+        handler["label_models"] = "scenes"
 if env["BATCH_SIZE"]:
     config["batchSize"] = int(env["BATCH_SIZE"])
 if env["COMPILE"]:

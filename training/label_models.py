@@ -195,7 +195,7 @@ def train_dense(model, data, steps, batch, lr, seed, progress=True) -> dict:
     return {"wall_s": round(time.perf_counter() - t0, 1), "final_loss": {k: round(v, 5) for k, v in ema.items()}}
 
 
-def train_classifier(model, data, steps, batch, lr, seed, progress=True) -> dict:
+def train_classifier(model, data, steps, batch, lr, seed, progress=True, input_size: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng([seed, 2])
@@ -210,7 +210,10 @@ def train_classifier(model, data, steps, batch, lr, seed, progress=True) -> dict
         imgs = data["image"][idx]
         flip = rng.random(batch) < 0.5
         imgs[flip] = imgs[flip][:, :, ::-1]
-        loss = F.cross_entropy(model(augment(imgs, rng)), labels[idx], label_smoothing=0.05)
+        x = augment(imgs, rng)
+        if input_size and x.shape[-1] != input_size:  # as LabelModels.classify resizes
+            x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+        loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -372,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg-hidden", type=int, default=128, help="classifier head width (default: 128)")
     p.add_argument("--vgg-head-kernel", type=int, default=1,
                    help="kernel of the classifier head's first conv over the final 4×4 map; 4 = fc6-like (default: 1)")
+    p.add_argument("--classifier-size", type=int, default=128,
+                   help="side the classifier's input is resized to (multiple of 32; default: 128)")
+    p.add_argument("--dense-from", type=Path, default=None,
+                   help="a label-model folder whose dense model is kept as is (its training skipped; "
+                        "default: train it)")
     p.add_argument("--eval-blur", type=float, action="append", default=None,
                    help="also evaluate on renders blurred by this sigma in pixels; repeatable (default: 1.5 and 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
@@ -388,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--eval-scenes, --dense-steps and --classifier-steps must be ≥ 1")
     if not 1 <= args.vgg_head_kernel <= 4:
         p.error("--vgg-head-kernel: 1…4 (the final map is 4×4 at 128×128)")
+    if args.classifier_size % 32 or not 32 <= args.classifier_size <= 128:
+        p.error(f"--classifier-size: a multiple of 32 in 32…128, got {args.classifier_size}")
+    if args.vgg_head_kernel > args.classifier_size // 32:
+        p.error(f"--vgg-head-kernel: at most {args.classifier_size // 32} (the final map at --classifier-size)")
+    if args.dense_from is not None and not (args.dense_from / "dense.safetensors").is_file():
+        p.error(f"--dense-from: {args.dense_from} holds no dense.safetensors")
     if len(args.vgg_widths) != 5:
         p.error("--vgg-widths: VGG-16 has five stages, give five widths")
     if args.out.exists() and not args.out.is_dir():
@@ -407,13 +421,24 @@ def main(argv: list[str] | None = None) -> int:
     config = {"format": FORMAT, "version": FORMAT_VERSION, "size": size, "class_names": names,
               "dense": {"widths": list(args.dense_widths)},
               "classifier": {"widths": list(args.vgg_widths), "hidden": args.vgg_hidden,
-                             "head_kernel": args.vgg_head_kernel},
+                             "head_kernel": args.vgg_head_kernel, "input_size": args.classifier_size},
               "dense_channels": ["foreground logit", "log inverse depth + c", "shading logit"],
               "files": {"dense": DENSE_FILE, "classifier": CLASSIFIER_FILE}}
     dense, classifier = build_modules(config)
-    dense_stats = train_dense(dense, train, args.dense_steps, args.batch, args.lr, args.seed, progress)
+    if args.dense_from is not None:  # kept from an earlier run (its card has its training)
+        from ldmprobe.label_models import _load_weights
+
+        _load_weights(dense, args.dense_from / DENSE_FILE)
+        dense = dense.float().eval()
+        previous = json.loads((args.dense_from / "card.json").read_text()) if (args.dense_from / "card.json").is_file() else {}
+        dense_stats = {"wall_s": 0.0, "final_loss": (previous.get("final_loss") or {}).get("dense"),
+                       "from": str(args.dense_from), "from_command": previous.get("command"),
+                       "from_wall_s": (previous.get("wall_s") or {}).get("dense")}
+    else:
+        dense_stats = train_dense(dense, train, args.dense_steps, args.batch, args.lr, args.seed, progress)
     wall["dense"] = dense_stats["wall_s"]
-    cls_stats = train_classifier(classifier, train, args.classifier_steps, args.batch, args.lr, args.seed, progress)
+    cls_stats = train_classifier(classifier, train, args.classifier_steps, args.batch, args.lr, args.seed, progress,
+                                 input_size=args.classifier_size)
     wall["classifier"] = cls_stats["wall_s"]
 
     t = time.perf_counter()
@@ -453,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"batch norm, stage widths {list(args.vgg_widths)} (VGG-16: 64, 128, 256, 512, 512), "
                           f"built by timm's VGG with a custom cfg; timm's 4096-wide 7×7 fc6 head replaced by its "
                           f"ConvMlp at width {args.vgg_hidden} with a {args.vgg_head_kernel}×{args.vgg_head_kernel} first "
-                          f"kernel over the final 4×4 map, then timm's ClassifierHead (global average pool + linear) → "
-                          f"{len(names)} classes; input 128×128"},
+                          f"kernel over the final {args.classifier_size // 32}×{args.classifier_size // 32} map, then timm's ClassifierHead (global average pool + linear) → "
+                          f"{len(names)} classes; input resized to {args.classifier_size}×{args.classifier_size}"},
         "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
                        "classifier": sum(p.numel() for p in classifier.parameters())},
         "class_names": names,
@@ -474,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall,
         "wall_min_total": round(sum(wall.values()) / 60, 1),
         "final_loss": {"dense": dense_stats["final_loss"], "classifier": cls_stats["final_loss"]},
+        "dense_from": ({k: dense_stats[k] for k in ("from", "from_command", "from_wall_s")}
+                       if args.dense_from is not None else None),
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

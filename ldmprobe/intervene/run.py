@@ -96,9 +96,11 @@ class Intervention:
     """Runs interventions for one sampler (model, compiled or not) and one probe bank."""
 
     def __init__(self, sampler: Sampler, bank: ProbeBank,
-                 label_model: Callable[[torch.Tensor], torch.Tensor] | None = None, compile_optimiser: bool | None = None):
+                 label_model: Callable[[torch.Tensor], torch.Tensor] | Mapping[str, Callable] | None = None,
+                 compile_optimiser: bool | None = None):
         """label_model: images [N, 3, H, W] in [0, 1] → maps [N, H', W'] of the property (e.g. a
-        saliency model), run on both images when given. compile_optimiser: torch.compile the
+        saliency model), run on both images when given; or a mapping property → such a callable
+        (e.g. the scenes label models' foreground and depth). compile_optimiser: torch.compile the
         Adam step (default: when the sampler is compiled)."""
         self.sampler, self.bank, self.label_model = sampler, bank, label_model
         self.compile_optimiser = sampler.compiled if compile_optimiser is None else bool(compile_optimiser)
@@ -286,9 +288,11 @@ class Intervention:
             norm = (target_map - probe.mean[0]) / probe.std[0]
             target_map = minmax_scale(norm, STUDY_DEPTH_HALF_RANGE) * probe.std[0] + probe.mean[0]
         label_maps = None
-        if self.label_model is not None:
+        label_model = (self.label_model.get(spec.property) if isinstance(self.label_model, Mapping)
+                       else self.label_model)
+        if label_model is not None:
             with torch.no_grad():
-                labelled = self.label_model(images).float().cpu()
+                labelled = label_model(images).float().cpu()
             label_maps = {"original": labelled[0], "edited": labelled[1]}
         success = measure(spec.property, original_map, edited_map, target_map, images[0], images[1],
                           run.latents[0].float().cpu(), run.latents[1].float().cpu(), affine, probe,

@@ -31,6 +31,10 @@ class InterveneConfig(ServiceConfig):
                       description="probe bank fitted for this model (packed into the archive); required")
     max_work: int = Field(16384, ge=1, description="iterations × edited layers × edited steps per request "
                                                     "(the study's defaults: 128 × 9 × 5 = 5760)")
+    label_models: str = Field("", json_schema_extra=PATH,
+                              description='label models that also score each result (foreground / depth maps of both '
+                                          'images): "scenes" (the shipped scenes label models), a label-model folder, '
+                                          'or "" = the probe only')
 
 
 @dataclass
@@ -52,9 +56,18 @@ class InterveneService(Service):
         self.bank = bank
         super().__init__(model, config, **settings)
 
+    def _label_models(self) -> dict[str, Any] | None:
+        source = self.config.label_models
+        if not source:
+            return None
+        from ..label_models import load_label_models
+
+        lm = load_label_models(None if source == "scenes" else source, device=self.model.device)
+        return {"foreground": lm.foreground, "depth": lm.depth}
+
     def setup(self) -> None:
         bank = self.bank
-        self.runner = Intervention(self.sampler, bank)
+        self.runner = Intervention(self.sampler, bank, label_model=self._label_models())
         self.max_work = int(self.config.max_work)
         self.bank_info = {"path": str(bank.path) if bank.path else None, "model_identity": bank.identity,
                           "scheduler": bank.scheduler, "num_steps": bank.num_steps, "contents": bank.describe()}
