@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer edit order: sequential (the study's) or joint (all layers of a step at once, faster) "
                         "(default: sequential)")
     v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
+    x = sub.add_parser("export", help="write out/model from the latest checkpoints of a run, finished or stopped "
+                                      "early (the U-Net's EMA weights at its last checkpoint)")
+    x.add_argument("--out", required=True, type=Path, help="the training run folder")
     s = sub.add_parser("ship", help="copy a finished run's model (+ its bank) into the package with a model card")
     s.add_argument("--run", required=True, type=Path, help="the finished training run folder")
     s.add_argument("--to", type=Path, default=None, help="destination (default: ldmprobe/weights/scenes)")
@@ -92,6 +95,10 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
         if not 0 <= args.cfg_dropout < 1:
             p.error(f"--cfg-dropout: must be in [0, 1), got {args.cfg_dropout}")
+    elif args.command == "export":
+        for name in ("job.json", "vae.checkpoint.safetensors", "latents.safetensors", "unet.checkpoint.safetensors"):
+            if not (args.out / name).is_file():
+                p.error(f"--out: {args.out} has no {name}: not a run whose U-Net stage has started")
     elif args.command == "intervene":
         if args.captions < 1:
             p.error(f"--captions: must be >= 1, got {args.captions}")
@@ -150,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.dist.main:
             print(json.dumps({"out": str(args.out), "wall_s": job["wall_s"], "loss": job.get("loss", {}),
                               "done": (args.out / "model").is_dir()}))
+        return 0
+    if args.command == "export":
+        from . import checkpoint
+        from .train import Trainer
+
+        config = json.loads((args.out / "job.json").read_text())["config"]
+        trainer = Trainer(args.out, TrainConfig(**config), progress=False)
+        step = checkpoint.meta(args.out / "unet.checkpoint.safetensors")["step"]
+        print(json.dumps({"model": str(trainer.export()), "unet_step": step, "unet_steps": config["unet_steps"]}))
         return 0
     if args.command == "intervene":
         print(json.dumps(_intervene(args)))
