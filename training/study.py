@@ -117,6 +117,7 @@ def fit_generated(args, prompts: dict[str, Any]) -> dict[str, Any]:
     out = args.out / "generated"
     argv = ["--model", args.model, "--mode", "generated", "--prompts", prompts["files"]["train"],
             "--test-prompts", prompts["files"]["test"], "--labels", args.labels, "--steps", str(args.steps),
+            "--val-every", str(max(2, min(5, prompts["train"] // 2))),  # λ is chosen on every 5th (small runs: 2nd)
             "--out", str(out), *(["--no-progress"] if args.no_progress else [])]
     _call(fit_main, argv, "training.fit (generated)")
     return {"run": str(out), "command": "python -m training.fit " + " ".join(argv)}
@@ -128,6 +129,7 @@ def fit_noised(args) -> dict[str, Any]:
     out = args.out / "noised"
     argv = ["--model", args.model, "--mode", "noised", "--scenes", str(args.noised_scenes),
             "--test-scenes", str(args.noised_test_scenes), "--steps", str(args.steps), "--out", str(out),
+            "--val-every", str(max(2, min(5, args.noised_scenes // 2))),
             *(["--no-progress"] if args.no_progress else [])]
     _call(fit_main, argv, "training.fit (noised)")
     return {"run": str(out), "command": "python -m training.fit " + " ".join(argv)}
@@ -239,11 +241,13 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     settings = GenerationSettings(steps=args.steps)
     out: dict[str, Any] = {"captions": len(items), "bank": "generated"}
     runs = {"sequential": [16, -16, 24, -24], "joint": [24, -24]}
+    # the study's edited steps (0-4; depth 0-2) unless a short schedule has fewer
+    edit = {} if args.steps >= 5 else {"edit_steps": list(range(args.steps))}
     keep: dict[str, Any] = {}
     for order, shifts in runs.items():
         cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": float(dx)} for r in items for dx in shifts]
         res = run_interventions(sampler, bank, cases, settings, label_model=labels.foreground,
-                                progress=not args.no_progress, order=order, iterations=args.iterations)
+                                progress=not args.no_progress, order=order, iterations=args.iterations, **edit)
         out[order] = {"summary": res["summary"], "seconds": res["seconds"],
                       "by_shift": {str(dx): _summary_of([r for r in res["rows"] if r["dx"] == dx]) for dx in shifts},
                       "rows": [{k: v for k, v in r.items() if k != "_result"} for r in res["rows"]]}
@@ -251,7 +255,8 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     depth_cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": 24.0, "property": "depth"}
                    for r in items[:max(1, len(items) // 4)]]
     depth = run_interventions(sampler, bank, depth_cases, settings, label_model=labels.depth,
-                              progress=not args.no_progress, order="sequential", iterations=args.iterations)
+                              progress=not args.no_progress, order="sequential", iterations=args.iterations,
+                              **({} if args.steps >= 3 else edit))
     out["depth"] = {"summary": depth["summary"], "seconds": depth["seconds"],
                     "rows": [{k: v for k, v in r.items() if k != "_result"} for r in depth["rows"]]}
     out["histogram"] = str(_histogram(keep, args.out / "figures" / "intervention_histogram.png"))
@@ -288,8 +293,9 @@ def _sweep(sampler, bank, item: dict[str, str], settings, args, path: Path) -> P
     runner = Intervention(sampler, bank)
     frames, labels = [], []
     for dx in (-24, -16, -8, 0, 8, 16, 24):
-        result = runner.run(item["prompts"], int(item["seeds"]), InterventionSpec(dx=float(dx), iterations=args.iterations),
-                            settings)
+        spec = InterventionSpec(dx=float(dx), iterations=args.iterations,
+                                edit_steps=None if args.steps >= 5 else list(range(args.steps)))
+        result = runner.run(item["prompts"], int(item["seeds"]), spec, settings)
         frames.append(result.edited)
         labels.append(f"dx = {dx:+d}")
     return write_sweep_gif(frames, labels, path)
@@ -411,6 +417,8 @@ def check(args) -> None:
         raise StudyError(f"--prompts: need at least 5, got {args.prompts}")
     if not 0.1 <= args.train_fraction <= 0.9:
         raise StudyError(f"--train-fraction: must be in [0.1, 0.9], got {args.train_fraction}")
+    if args.steps < 3:
+        raise StudyError(f"--steps: need at least 3 (depth edits take steps 0-2), got {args.steps}")
     for name in ("steps", "noised_scenes", "noised_test_scenes", "curve_items", "classify_items", "intervene_captions",
                  "iterations"):
         if getattr(args, name) < 1:
