@@ -223,9 +223,8 @@ def _save(fig, path: Path) -> Path:
 def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     """Each test caption edited at dx ∈ ±16, ±24 px (sequential, the study's order; joint on ±24), and
     depth edits at dx 24 on a quarter of them; scored by the probe and by the label models."""
-    from ldmprobe.label_models import load_label_models
-
     from ldmprobe.generate import Sampler
+    from ldmprobe.label_models import load_label_models
     from ldmprobe.models import load_model
     from ldmprobe.probes import ProbeBank
     from ldmprobe.schemas import GenerationSettings
