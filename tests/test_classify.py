@@ -401,3 +401,23 @@ def test_a_named_class_set_resolves_targets_and_the_schema_checks_them_against_t
         ClassifyRequest.model_validate({"prompt": "a", "target_class": "lemon"}, context={"classes": scenes})
     with pytest.raises(ValueError, match="unique"):
         ClassSet.from_names("x", ["a", "a"])
+
+
+def test_cli_scenes_classifier_takes_its_own_class_names(tmp_path, capsys):
+    """--model scenes classifies with the scenes label models' classifier by default; the target is one
+    of its colour × kind classes (an ImageNet name is refused with close matches, before any generation)."""
+    import json
+
+    out = tmp_path / "run"
+    assert main(["classify", "--model", "scenes", "--prompt", "a red sphere on a grey floor", "--seed", "3",
+                 "--steps", "3", "--target", "Red_Sphere", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "steps.json").read_text())
+    assert data["target"] == {"index": data["target"]["index"], "wnid": "scenes:red-sphere", "name": "red sphere"}
+    assert len(data["target_curve"]) == 3 and data["metadata"]["classifier"]["classes"] == "scenes"
+    assert data["metadata"]["classifier"]["random_weights"] is False
+    capsys.readouterr()
+    assert main(["classify", "--model", "scenes", "--prompt", "a", "--target", "lemon", "--out",
+                 str(tmp_path / "bad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--target: unknown scenes class 'lemon'" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
