@@ -58,18 +58,12 @@ def test_shipped_models_meet_their_targets_on_fresh_clean_renders(shipped, rende
     assert f["shading"] >= 0.7, f
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped classifier's top-1 is about 0.5 (colour ~0.9, kind ~0.6), "
-                                       "short of the 0.9 target: not met yet (card.md)")
-def test_shipped_classifier_meets_its_target(shipped, renders):
-    assert _figures(shipped, renders)["top1"] >= 0.9
-
-
-def test_shipped_classifier_is_far_above_chance(shipped, renders):
-    """What the shipped classifier does reach (the floor a regression would break): top-1 well above
-    chance (1/24) and the colour of its answer mostly right."""
+def test_shipped_classifier_on_fresh_renders(shipped, renders):
+    """The VGG-layout classifier (64 px input, card.md): top-1 0.875 on the card's 128 held-out renders, short
+    of the 0.9 target there; on these 32 fresh renders it reaches the target. Colour nearly always right."""
     pred = shipped.classify(to_float(renders["image"])).argmax(1).numpy()
-    assert (pred == renders["label"]).mean() >= 0.35
-    assert (pred // len(KINDS) == renders["label"] // len(KINDS)).mean() >= 0.8
+    assert (pred == renders["label"]).mean() >= 0.9
+    assert (pred // len(KINDS) == renders["label"] // len(KINDS)).mean() >= 0.95
 
 
 def test_shading_spearman_is_tie_bound(renders):
