@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import SCENE_BANK_STEPS
 
 from ldmprobe.jsonout import loads_strict
@@ -22,11 +23,15 @@ def test_bench_intervene_smoke(scene_bank):
     for key in ("speedup_vs_reference", "speedup_vs_reference_eager", "dice_to_target", "dice_baseline",
                 "optimise_ms", "final_loss_max_rel_diff", "end_to_end"):
         assert key in out, key
-    assert out["speedup_vs_reference"] > 0
+    ms = out["optimise_ms"]  # the ratios are the medians measured side by side in this run
+    assert out["speedup_vs_reference"] == pytest.approx(ms["reference"] / ms["batched_compiled"], rel=0.05, abs=0.01)
+    assert out["speedup_vs_reference_eager"] == pytest.approx(ms["reference"] / ms["batched_eager"], rel=0.05, abs=0.01)
     assert max(out["final_loss_max_rel_diff"].values()) < 1e-3  # equal final loss
     assert out["layer_shapes"]["dec4.0"] == [16, 16, 320]  # SD v1.4 channels at 128 px
     e2e = out["end_to_end"]
-    assert e2e["intervention_vs_generation"] > 0 and e2e["edit"]["layers"] == 9
+    assert e2e["edit"]["layers"] == 9
+    assert e2e["intervention_vs_generation"] == pytest.approx(e2e["intervention_s"] / e2e["generation_s"], rel=0.02,
+                                                              abs=0.01)
     assert e2e["representation"]["rmse_to_target"] < e2e["representation"]["rmse_baseline"]
 
 
