@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from training.study import caption_class, main
+from training.study import caption_class, crossover, main
 
 REDUCED = ["--model", "scenes", "--prompts", "6", "--steps", "3", "--noised-scenes", "4", "--noised-test-scenes", "2",
            "--curve-items", "2", "--classify-items", "2", "--intervene-captions", "1", "--iterations", "2",
@@ -18,6 +18,12 @@ REDUCED = ["--model", "scenes", "--prompts", "6", "--steps", "3", "--noised-scen
 def test_caption_class_maps_cube_to_box():
     assert caption_class("a red cube on a grey floor") == "red box"
     assert caption_class("a light blue sphere on a beige floor") == "blue sphere"  # the last two words before "on"
+
+
+def test_crossover_is_the_step_from_which_the_label_model_stays_ahead():
+    assert crossover([0.5, 0.7, 0.7, 0.7], [0.2, 0.8, 0.6, 0.9]) == 3  # ahead at 1, behind at 2, ahead from 3 on
+    assert crossover([0.5, 0.5], [0.6, 0.7]) == 0
+    assert crossover([0.9, 0.9], [0.1, 0.2]) == "never"
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -313,6 +313,16 @@ def layer_table(model_source: str) -> list[dict[str, Any]]:
     return list(blocks.values())
 
 
+def crossover(probe: list, label_model: list) -> int | str:
+    """The first step from which the label model on the decoded image scores at least as well as the
+    best probe at every later step ("never" if it does not)."""
+    pairs = [(p, m) for p, m in zip(probe, label_model, strict=False) if p is not None and m is not None]
+    for step in range(len(pairs)):
+        if all(m >= p for p, m in pairs[step:]):
+            return step
+    return "never"
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "—"
@@ -343,14 +353,15 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
               "Noised mode: exact labels of renders, the render noised to each step.", "",
               "## Emergence: probes vs the label models on each step's decoded image", "",
               "| mode | property | probe reaches 90 % of final at step | label model reaches 90 % at step | "
-              "probe at step 3 | label model at step 3 |", "|---|---|---|---|---|---|"]
+              "probe at step 3 | label model at step 3 | label model ≥ probe from step |", "|---|---|---|---|---|---|---|"]
     for mode in ("generated", "noised"):
         for prop, s in rep[mode]["properties"].items():
             curve = s.get("curve_model") or {}
             probe3 = (s.get("best_per_step") or {}).get("values", [None] * 4)
             cm3 = (curve.get("values") or {}).get(curve.get("metric"), [None] * 4)
             lines.append(f"| {mode} | {prop} | {s.get('emergence_step')} | {curve.get('emergence_step')} | "
-                         f"{_fmt(probe3[3] if len(probe3) > 3 else None)} | {_fmt(cm3[3] if len(cm3) > 3 else None)} |")
+                         f"{_fmt(probe3[3] if len(probe3) > 3 else None)} | {_fmt(cm3[3] if len(cm3) > 3 else None)} | "
+                         f"{crossover(probe3, cm3)} |")
     lines += ["", "![emergence, generated](generated/report/figures/emergence.png)",
               "![heatmap foreground](generated/report/figures/heatmap_foreground.png)",
               "![heatmap depth](generated/report/figures/heatmap_depth.png)",
