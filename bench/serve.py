@@ -14,8 +14,12 @@
     machine's load hits all. The responses' metadata gives the batch sizes formed and the
     server-side denoise (U-Net) time per batch, which explains the gain.
 (b) Worker start (torchserve launch → worker READY: JVM, model load, U-Net compile, warm-up) of
-    the batching-off archive with TORCHINDUCTOR_CACHE_DIR = the repo's .cache/inductor, after the
-    batching-on server's start filled it (warm), vs a fresh empty temp folder (cold).
+    the batching-off archive, side by side: `warm_cache` with TORCHINDUCTOR_CACHE_DIR = the
+    repo's .cache/inductor after the batching-on server's start filled it (a worker restarted on
+    the same machine), `cold_cache` with a fresh empty folder (nothing compiled before), and
+    `archive_cached`: the same archive built with PRECOMPILE=1 (the service compiled once at
+    build, its portable compile cache packed as compile-cache.bin) started with another fresh
+    empty folder, so only what the archive carries helps (a new machine given the archive).
 
 Everything is bounded: ≤ 64 timed requests per (configuration, clients), a global deadline
 (--timeout), per-request timeouts; the servers are stopped by PID in a finally block.
@@ -242,6 +246,7 @@ def main() -> None:
     start_s: dict[str, float] = {}
     workers: dict[str, dict] = {}
     cold_error = "skipped (--no-cold)" if args.no_cold else None
+    precompile_s = None
     try:
         stores = {}
         variants = {"batch_on": {"batchSize": batch_on},
@@ -281,6 +286,15 @@ def main() -> None:
                 srv, start_s["batch_off_cold"] = start_server(tmp / "cold", stores["batch_off"], tmp / "cold-cache",
                                                               deadline, started)
                 workers["batch_off_cold"] = worker_info(srv, probe, deadline)
+                srv.stop()
+                t0 = time.monotonic()
+                stores["batch_off_precompiled"] = build_archive(
+                    tmp / "store-precompiled", bank, shared | variants["batch_off"],
+                    env={"PRECOMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp / "precompile-cache")}).parent
+                precompile_s = time.monotonic() - t0
+                srv, start_s["batch_off_archive"] = start_server(tmp / "archive", stores["batch_off_precompiled"],
+                                                                 tmp / "archive-cache", deadline, started)
+                workers["batch_off_archive"] = worker_info(srv, probe, deadline)
             except (TimeoutError, RuntimeError) as exc:
                 cold_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
                 print(started[-1].logs(40), file=sys.stderr)
@@ -359,10 +373,15 @@ def main() -> None:
         # request row and layer) and now (one grouped call per step)
         "probe_heads_per_step": heads,
         "worker_start_s": {"cold_cache": round(start_s["batch_off_cold"], 1) if "batch_off_cold" in start_s else None,
-                           "warm_cache": round(start_s["batch_off"], 1)},
+                           "warm_cache": round(start_s["batch_off"], 1),
+                           "archive_cached": (round(start_s["batch_off_archive"], 1)
+                                              if "batch_off_archive" in start_s else None)},
+        "archive_precompile_s": round(precompile_s, 1) if precompile_s is not None else None,
         "cold_start_error": cold_error,
         "worker_start_what": "batching-off archive, torchserve launch → worker READY (model load + compile + "
-                             "warm-up of batch 1); cold = empty temp TORCHINDUCTOR_CACHE_DIR, warm = .cache/inductor",
+                             "warm-up of batch 1); cold = empty temp TORCHINDUCTOR_CACHE_DIR, warm = .cache/inductor, "
+                             "archive_cached = built with PRECOMPILE=1 (archive_precompile_s: that build), started "
+                             "with another empty cache folder",
         "batch_on_start_s_warm_cache": round(start_s["batch_on"], 1),
         "worker_self_reported_s": workers,
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()],

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
+
+from ldmprobe.serve.base import path_settings, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +44,6 @@ def handler_config(context, config_model):
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ValueError(f"model-config.yaml handler section: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-
-
-def path_settings(config_model) -> list[str]:
-    """The settings that name a file or folder (marked `path` in the config model)."""
-    return [name for name, f in config_model.model_fields.items() if (f.json_schema_extra or {}).get("path")]
-
-
-def resolve(value: str, model_dir: str) -> str:
-    """Relative paths name files inside the archive; `tiny`, `random`, hub ids and absolute
-    paths pass through."""
-    if not value or value in ("tiny", "scenes") or os.path.isabs(value):
-        return value
-    inside = Path(model_dir) / value
-    return str(inside) if inside.exists() else value
 
 
 def request_body(row: Any, context, idx: int) -> tuple[Any, bool]:

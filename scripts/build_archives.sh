@@ -21,6 +21,9 @@
 #   STORE         model store folder                                          [the clone's model_store]
 #   BATCH_SIZE    TorchServe batchSize of every archive (empty = each config's)
 #   COMPILE       1 | 0: torch.compile the U-Net in the workers (empty = each config's)
+#   PRECOMPILE    1 | 0: compile each compiling archive's service once here (python -m
+#                 ldmprobe.serve.precompile) and pack its portable compile cache as
+#                 compile-cache.bin: workers load it instead of compiling                   [1]
 #   CONFIG_OVERRIDES        JSON merged into every archive's config (e.g. '{"maxBatchDelay": 300}')
 #   <NAME>_CONFIG_OVERRIDES JSON merged into archive NAME's only, after it (CLASSIFY_CONFIG_OVERRIDES=…)
 #   PYTHON        interpreter with PyYAML (the venv's)                        [.venv/bin/python]
@@ -38,6 +41,9 @@ CLASSIFIER=${CLASSIFIER:-}
 TINY_DECODER=${TINY_DECODER:-}
 STORE=${STORE:-$ROOT/model_store}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+PRECOMPILE=${PRECOMPILE:-1}
+# the precompile runs fill the inductor cache the workers of this clone read (serve.sh exports the same)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}
 ARCHIVER=${ARCHIVER:-$(dirname "$PYTHON")/torch-model-archiver}
 
 absolute() {  # an existing path made absolute; anything else (tiny, random, a hub id) as is
@@ -122,6 +128,8 @@ for var, name in (("CONFIG_OVERRIDES", "CONFIG_OVERRIDES"), ("OWN_OVERRIDES", en
         merge(config, json.loads(env[var] or "{}"))
     except ValueError as exc:
         sys.exit(f"build_archives: {env['NAME']}: {name} is not JSON: {exc}")
+if handler.get("compile"):
+    print("compile")
 if handler.get("classifier") == "random":
     print(f"build_archives: {env['NAME']}.mar classifies with a RANDOM-init VGG-16 (predictions are "
           "meaningless); set CLASSIFIER=/path/to/vgg16 weights for real use", file=sys.stderr)
@@ -139,6 +147,24 @@ PY
         else
             echo "build_archives: no BANK given: the $name model serves random demo probes" >&2
         fi
+    fi
+    if [[ $wants == *compile* && $PRECOMPILE != 0 ]]; then
+        echo "build_archives: compiling the $name service once for its workers (ldmprobe.serve.precompile)"
+        "$PYTHON" -m ldmprobe.serve.precompile "$name" "$BUILD/$name/model-config.yaml" \
+            --out "$BUILD/$name/compile-cache.bin"
+        "$PYTHON" - "$BUILD/$name/model-config.yaml" <<'PY'
+import os, sys
+
+import yaml
+
+path = sys.argv[1]
+config = yaml.safe_load(open(path))
+config["handler"]["compile_cache"] = "compile-cache.bin"
+with open(path + ".tmp", "w") as f:
+    yaml.safe_dump(config, f, sort_keys=False)
+os.replace(path + ".tmp", path)
+PY
+        extra+=",$BUILD/$name/compile-cache.bin"
     fi
     "$ARCHIVER" --model-name "$name" --version 1.0 --handler "handlers/${name}_handler.py" \
         --config-file "$BUILD/$name/model-config.yaml" --extra-files "$extra" --export-path "$STAGE" --force

@@ -231,14 +231,15 @@ def build_archive(store: Path, bank: Path | None = None, overrides: dict[str, An
                   env: dict[str, str] | None = None) -> Path:
     """Build `archives` into `store` with scripts/build_archives.sh; `overrides` go to every
     archive (CONFIG_OVERRIDES), per_archive[name] to that one (<NAME>_CONFIG_OVERRIDES).
+    Without env PRECOMPILE=1 the workers compile at warm-up (from the clone's inductor cache).
     Returns the path of the first archive."""
-    full = os.environ | {"ARCHIVES": " ".join(archives), "MODEL": "tiny", "BANK": str(bank or ""),
+    full = os.environ | {"ARCHIVES": " ".join(archives), "MODEL": "tiny", "BANK": str(bank or ""), "PRECOMPILE": "0",
                          "STORE": str(store), "BATCH_SIZE": "4", "CONFIG_OVERRIDES": json.dumps(overrides or {}),
                          "PYTHON": str(VENV_BIN / "python")}
     for name, values in (per_archive or {}).items():
         full[f"{name.upper()}_CONFIG_OVERRIDES"] = json.dumps(values)
     done = subprocess.run([str(ROOT / "scripts" / "build_archives.sh")], env=full | (env or {}), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     if done.returncode:
         raise RuntimeError(f"build_archives.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return store / f"{archives[0]}.mar"

@@ -182,3 +182,31 @@ def test_build_archives_refuses_intervene_without_a_bank(tmp_path):
     with pytest.raises(RuntimeError, match="the intervene model needs BANK"):
         build_archive(tmp_path / "store", archives=["probe", "intervene"])
     assert not (tmp_path / "store" / "probe.mar").exists()
+
+
+# --- ldmprobe.serve.precompile --------------------------------------------------------------------
+def _precompile(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "python"), "-m", "ldmprobe.serve.precompile", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_precompile_refuses_what_it_cannot_compile(tmp_path):
+    """A missing config file and a config that does not compile are exit 2 with one line, and
+    no cache file is left behind."""
+    out = tmp_path / "compile-cache.bin"
+    missing = _precompile("probe", str(tmp_path / "nope.yaml"), "--out", str(out))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no such config" in missing.stderr
+    config = yaml.safe_load((ROOT / "handlers" / "probe-config.yaml").read_text())
+    config["handler"] |= {"model": "tiny", "bank": "", "compile": False}
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    eager = _precompile("probe", str(tmp_path / "model-config.yaml"), "--out", str(out))
+    assert eager.returncode == 2 and "handler.compile is false" in eager.stderr and not out.exists()
+
+
+def test_a_service_refuses_a_named_compile_cache_that_is_missing(tiny, tmp_path):
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.serve.probe import ProbeService
+
+    bank = ProbeBank.random(tiny, steps=range(2), scheduler="lms", num_steps=2)
+    with pytest.raises(ValueError, match="compile_cache: no such file"):
+        ProbeService(tiny, bank, compile=True, compile_cache=str(tmp_path / "compile-cache.bin"))

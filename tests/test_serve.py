@@ -46,7 +46,8 @@ def bank_file(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(bank_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchserve")
-    store = build_archive(root / "store", bank_file, OVERRIDES).parent
+    # built as `make serve` builds it: the service compiled once, its compile cache packed
+    store = build_archive(root / "store", bank_file, OVERRIDES, env={"PRECOMPILE": "1"}).parent
     with running_server(root, store, ["probe"]) as srv:
         yield srv
 
@@ -92,6 +93,9 @@ def test_valid_request_end_to_end(server, bank_file, tiny):
     assert meta["settings"]["steps"] == STEPS and meta["settings"]["seed"] == BASE["seed"]
     assert {"validate", "denoise", "probes", "decode", "encode_image", "total"} <= set(meta["timings_ms"])
     assert meta["worker"]["pid"] == server.first_worker["pid"] and meta["worker"]["warm_s"] > 0
+    # the worker started from the archive's compile cache (written by the precompile at build)
+    cache = meta["worker"]["compile_cache"]
+    assert cache["file"] == "compile-cache.bin" and cache["bytes"] > 0 and cache["inductor"] >= 1
     assert meta["batch"]["generate_rows"] == 1
 
 

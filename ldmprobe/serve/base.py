@@ -193,6 +193,21 @@ def map_png(values: torch.Tensor, kind: str) -> tuple[str, PngScale]:
 PATH = {"path": True}  # a setting naming a file or folder: a handler resolves it inside its archive
 
 
+def path_settings(config_model: type[BaseModel]) -> list[str]:
+    """The settings that name a file or folder (marked `PATH` in the config model)."""
+    return [name for name, f in config_model.model_fields.items() if (f.json_schema_extra or {}).get("path")]
+
+
+def resolve(value: str, folder: str) -> str:
+    """A path setting as a worker reads it: relative paths name files inside the archive's
+    folder (or beside a model-config.yaml); `tiny`, `scenes`, `random`, hub ids and absolute
+    paths pass through."""
+    if not value or value in ("tiny", "scenes") or os.path.isabs(value):
+        return value
+    inside = os.path.join(folder, value)
+    return inside if os.path.exists(inside) else value
+
+
 class ServiceConfig(BaseModel):
     """The settings every service has: its model-config.yaml `handler:` section, validated
     (unknown keys refused: a misspelt setting must fail the worker's start, not be ignored)."""
@@ -206,6 +221,10 @@ class ServiceConfig(BaseModel):
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention backend (xformers: CUDA only)")
     compile: bool = Field(True, description="torch.compile the U-Net (policy: ldmprobe.compiling)")
     cache_dir: str = Field("", description='inductor cache folder; "" = $TORCHINDUCTOR_CACHE_DIR')
+    compile_cache: str = Field("", json_schema_extra=PATH,
+                               description="portable torch.compile cache loaded before anything compiles (written by "
+                                           "ldmprobe.serve.precompile, packed into the archive by build_archives.sh); "
+                                           '"" = none: compile (or read the inductor cache) at warm-up')
     warm_batch_sizes: list[int] = Field([1], description="padded batch sizes compiled at start-up (≤ batchSize)")
     warm_settings: dict[str, Any] = Field({}, description="request fields of the warm-up request (e.g. height, width)")
     max_side: int = Field(0, ge=0, description="largest height/width served; 0 = twice the model's default size")
@@ -246,6 +265,7 @@ class Service:
             field, message = error_field(exc)
             raise ValueError(f"{type(self).__name__} setting {field}: {message}") from None
         self.model = model
+        self.compile_cache = self._load_compile_cache()
         self.sampler = Sampler(model, compile=self.config.compile, cache_dir=self.config.cache_dir or None)
         self.compiled = self.config.compile
         self.pad_batches = self.compiled if pad_batches is None else bool(pad_batches)
@@ -254,7 +274,23 @@ class Service:
         self.max_side = int(self.config.max_side or 2 * model.default_size)
         self.max_steps = int(self.config.max_steps)
         self.setup()
-        self.worker = worker_info(started)
+        self.worker = worker_info(started) | {"compile_cache": self.compile_cache}
+
+    def _load_compile_cache(self) -> dict[str, Any] | None:
+        """Seed the compile caches from `compile_cache` (before the sampler compiles anything);
+        what was loaded goes into metadata.worker. A named file that is missing is a start-up
+        failure, not a silent cold compile."""
+        path = self.config.compile_cache
+        if not path or not self.config.compile:
+            return None
+        if not os.path.isfile(path):
+            raise ValueError(f"{type(self).__name__} setting compile_cache: no such file {path}")
+        from ..compiling import load_cache_artifacts, use_cache_dir
+
+        use_cache_dir(self.config.cache_dir or None)
+        started = time.perf_counter()
+        info = load_cache_artifacts(path)
+        return {"file": os.path.basename(path), **info, "load_s": round(time.perf_counter() - started, 3)}
 
     def setup(self) -> None:
         """Service-specific state built once (runners, bank metadata): after the sampler."""
