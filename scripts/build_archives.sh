@@ -72,6 +72,7 @@ for name in $ARCHIVES; do
         exit 2
     fi
 done
+declare -A WANTS EXTRA PIDS
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/ldmprobe-archive.XXXXXX")
 # archives are written here, then renamed into the store: a running server never sees half a .mar
 STAGE=$(mktemp -d "$STORE/.build.XXXXXX")
@@ -148,10 +149,31 @@ PY
             echo "build_archives: no BANK given: the $name model serves random demo probes" >&2
         fi
     fi
+    WANTS[$name]=$wants
+    EXTRA[$name]=$extra
     if [[ $wants == *compile* && $PRECOMPILE != 0 ]]; then
+        # the services compile side by side (each compile is mostly one busy thread)
         echo "build_archives: compiling the $name service once for its workers (ldmprobe.serve.precompile)"
         "$PYTHON" -m ldmprobe.serve.precompile "$name" "$BUILD/$name/model-config.yaml" \
-            --out "$BUILD/$name/compile-cache.bin"
+            --out "$BUILD/$name/compile-cache.bin" >"$BUILD/$name/precompile.log" 2>&1 &
+        PIDS[$name]=$!
+    fi
+done
+
+for name in "${!PIDS[@]}"; do
+    if ! wait "${PIDS[$name]}"; then
+        echo "build_archives: precompiling the $name service failed:" >&2
+        tail -n 30 "$BUILD/$name/precompile.log" >&2
+        kill "${PIDS[@]}" 2>/dev/null || true
+        wait || true
+        exit 2
+    fi
+    grep '^{"service"' "$BUILD/$name/precompile.log" || true
+done
+
+for name in $ARCHIVES; do
+    extra=${EXTRA[$name]}
+    if [[ -n ${PIDS[$name]:-} ]]; then
         "$PYTHON" - "$BUILD/$name/model-config.yaml" <<'PY'
 import os, sys
 
@@ -169,5 +191,5 @@ PY
     "$ARCHIVER" --model-name "$name" --version 1.0 --handler "handlers/${name}_handler.py" \
         --config-file "$BUILD/$name/model-config.yaml" --extra-files "$extra" --export-path "$STAGE" --force
     mv -f "$STAGE/$name.mar" "$STORE/$name.mar"
-    echo "built $STORE/$name.mar (model: $MODEL$([[ $wants == *bank* ]] && echo ", bank: ${BANK:-random demo probes}"))"
+    echo "built $STORE/$name.mar (model: $MODEL$([[ ${WANTS[$name]} == *bank* ]] && echo ", bank: ${BANK:-random demo probes}"))"
 done
