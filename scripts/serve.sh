@@ -79,7 +79,16 @@ archives() {
     ARCHIVES=$ARCHIVES MODEL=$MODEL BANK=$BANK PYTHON=$VENV_BIN/python scripts/build_archives.sh
 }
 
-example_body() {  # a request body worth trying on model $1
+example_body() {  # a request body worth trying on model $1 (scene captions for the scenes model)
+    if [[ $MODEL == scenes ]]; then
+        case $1 in
+            probe) echo '{"prompt": "a red sphere on a grey floor", "seed": 3, "steps": 15, "return_steps": [3, 14]}' ;;
+            classify) echo '{"prompt": "a red cube on a grey floor", "seed": 0, "steps": 15, "target_class": "red box", "top_k": 3}' ;;
+            intervene) echo '{"prompt": "a red sphere on a grey floor", "seed": 3, "steps": 15, "dx": 24, "dy": 0}' ;;
+            *) echo '{}' ;;
+        esac
+        return
+    fi
     case $1 in
         probe) echo '{"prompt": "a red apple on a wooden table", "seed": 5107435, "steps": 15, "return_steps": [3, 14]}' ;;
         classify) echo '{"prompt": "a lemon", "seed": 0, "steps": 15, "target_class": "lemon", "top_k": 3}' ;;

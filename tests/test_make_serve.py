@@ -72,7 +72,7 @@ def test_make_serve_answers_its_printed_curl_and_make_stop_stops_it(tmp_path):
         assert answer.status_code == 200, answer.text[:2000]
         out = answer.json()
         assert out["metadata"]["model"] == "scenes" and png_array(out["image"]["png"]).shape == (128, 128, 3)
-        assert [s["step"] for s in out["steps"]] == [3, 14]
+        assert [s["step"] for s in out["steps"]] == [3, 14] and "sphere" in body
         assert out["metadata"]["worker"]["compile_cache"]["file"] == "compile-cache.bin"
     finally:
         stop = subprocess.run(["make", "stop"], cwd=clone, env=env, capture_output=True, text=True, timeout=180)
