@@ -138,6 +138,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     (["train", "--out", "X", "--unet-steps", "0"], "--unet-steps"),
     (["train", "--out", "X", "--dtype", "int8"], "--dtype"),
     (["train", "--out", "X", "--cfg-dropout", "1.5"], "--cfg-dropout"),
+    (["train", "--out", "X", "--snr-floor", "-1"], "--snr-floor"),
+    (["train", "--out", "X", "--snr-floor", "6", "--snr-cap", "5"], "--snr-floor"),
     (["evaluate", "--captions", "0"], "--captions"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
@@ -159,6 +161,48 @@ def test_an_out_folder_of_other_settings_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", str(tmp_path / "run"), *SMALL])
     assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_timestep_weights_lift_the_noisy_steps_and_cap_the_clean_ones():
+    """Known answer on SD's schedule: the epsilon MSE weighted by clamp(SNR, floor, cap) / SNR, mean 1."""
+    from diffusers import DDPMScheduler
+
+    from training.scenes_model.architecture import scheduler_config
+    from training.scenes_model.train import timestep_weights
+
+    ab = DDPMScheduler.from_config(scheduler_config()).alphas_cumprod
+    snr = ab / (1 - ab)
+    plain = timestep_weights(ab)
+    assert torch.allclose(plain, torch.ones(1000))  # off: SD's plain epsilon MSE
+    w = timestep_weights(ab, 0.05, 5.0)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    mid = (snr >= 0.05) & (snr <= 5)  # untouched band: one common weight
+    assert torch.allclose(w[mid], w[mid][0].expand(int(mid.sum())), rtol=1e-5)
+    # t = 999 (SNR 0.0047): the clean-latent error weighted as if SNR were 0.05, ~10.6× the band's
+    assert (w[999] / w[mid][0]).item() == pytest.approx(0.05 / snr[999].item(), rel=1e-4)
+    assert (w[0] / w[mid][0]).item() == pytest.approx(5.0 / snr[0].item(), rel=1e-4)  # min-SNR-γ at t = 0
+    assert bool((w[1:] >= w[:-1] - 1e-6).all())  # never lighter as the noise grows
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_sample_errors():
+    from training.scenes_model.train import _DenoiseLoss
+
+    class _Sched:
+        @staticmethod
+        def add_noise(x, n, t):
+            return x + n
+
+    class _Unet(torch.nn.Module):
+        def forward(self, x, t, cond):
+            return type("O", (), {"sample": torch.zeros_like(x)})()
+
+    noise = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])  # per-sample MSE 1 and 4
+    t = torch.tensor([0, 1])
+    text = lambda ids: (torch.zeros(2, 1, 1),)  # noqa: E731
+    plain = _DenoiseLoss(_Unet(), text, _Sched())
+    weighted = _DenoiseLoss(_Unet(), text, _Sched(), torch.tensor([3.0, 0.5]))
+    assert plain(torch.zeros_like(noise), None, noise, t).item() == pytest.approx(2.5)
+    assert weighted(torch.zeros_like(noise), None, noise, t).item() == pytest.approx((3 * 1 + 0.5 * 4) / 2)
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         "unet_steps": "U-Net + text encoder steps", "batch": "U-Net global batch size (split across ranks)",
         "lr": "U-Net peak learning rate (AdamW)", "decoder_steps": "decoder fine-tuning steps, encoder frozen (0: none)",
         "decoder_lr": "decoder fine-tuning peak learning rate", "warmup": "linear warm-up steps",
-        "cfg_dropout": "probability of training on the empty caption", "ema_decay": "EMA decay of exported weights",
+        "cfg_dropout": "probability of training on the empty caption",
+        "snr_floor": "weight the clean-latent error at least this SNR's worth on the noisy steps, where the caption decides "
+                     "colour and layout (0: SD's plain epsilon MSE)",
+        "snr_cap": "cap the weight of nearly clean steps at this SNR, min-SNR-γ (0: no cap)", "ema_decay": "EMA decay of exported weights",
         "checkpoint_every": "steps between atomic checkpoints", "dtype": "dtype of the exported weights",
         "init": "continue from this diffusers folder of the same architecture ('scenes': the shipped model): "
                 "its VAE and latent scale are kept, its U-Net and text encoder are the starting point",
@@ -93,6 +96,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--decoder-steps: must be >= 0, got {args.decoder_steps}")
         if args.dtype not in ("float16", "float32", "bfloat16"):
             p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
+        if args.snr_floor < 0 or args.snr_cap < 0 or (args.snr_cap and args.snr_floor > args.snr_cap):
+            p.error(f"--snr-floor/--snr-cap: need 0 <= floor <= cap (0 = off), got {args.snr_floor}, {args.snr_cap}")
         if not 0 <= args.cfg_dropout < 1:
             p.error(f"--cfg-dropout: must be in [0, 1), got {args.cfg_dropout}")
     elif args.command == "export":

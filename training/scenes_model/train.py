@@ -34,7 +34,8 @@ STAGES = ("vae", "decoder", "unet")  # what --only may pick; latents follow the 
 # The stage each setting belongs to (others: the VAE's, i.e. fixed from the start). A setting may change
 # between invocations until its stage has a checkpoint.
 STAGE_SETTINGS = {"vae_crop": "vae", "decoder_steps": "decoder", "decoder_lr": "decoder", "unet_steps": "unet", "batch": "unet",
-                  "lr": "unet", "cfg_dropout": "unet", "ema_decay": "unet", "checkpoint_every": "unet", "dtype": "unet"}
+                  "lr": "unet", "cfg_dropout": "unet", "ema_decay": "unet", "checkpoint_every": "unet", "dtype": "unet",
+                  "snr_floor": "unet", "snr_cap": "unet", "warmup": "unet"}
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainConfig:
     warmup: int = 200
     cfg_dropout: float = 0.1  # captions replaced by "" so the model also learns the unconditional score
     ema_decay: float = 0.999
+    # Loss weighting over timesteps (see timestep_weights); 0 and 0 = SD's plain epsilon MSE.
+    snr_floor: float = 0.0
+    snr_cap: float = 0.0
     checkpoint_every: int = 100
     dtype: str = "float16"  # weights of the exported folder
     init: str = ""  # a diffusers folder of this architecture to continue from ("" = fresh weights)
@@ -102,17 +106,41 @@ class _DecoderLoss(torch.nn.Module):
         return (rec - x).abs().mean() + F.mse_loss(rec, x)
 
 
-class _DenoiseLoss(torch.nn.Module):
-    """Epsilon-prediction MSE of the U-Net conditioned on the (trained) text encoder."""
+def timestep_weights(alphas_cumprod: torch.Tensor, snr_floor: float = 0.0, snr_cap: float = 0.0) -> torch.Tensor:
+    """Per-timestep weights of the epsilon MSE, mean 1 over the timesteps.
 
-    def __init__(self, unet, text_encoder, noise_scheduler):
+    The epsilon MSE is SNR(t) times the MSE of the implied clean latent, so at the noisy end of SD's
+    schedule (SNR 0.005 at t = 999) what the caption decides — the object's colour, its place — reaches
+    the loss at a few thousandths of the weight of fine detail at t ~ 200. Weighting by
+    clamp(SNR, floor, cap) / SNR gives the clean-latent error the weight `floor` where SNR < floor (the
+    noisy steps count more) and caps easy, nearly clean steps at `cap` (min-SNR-γ, Hang et al. 2023).
+    The target stays epsilon: the scheduler, the sampler and the study's loop are unchanged."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    lam = snr
+    if snr_floor > 0:
+        lam = lam.clamp(min=snr_floor)
+    if snr_cap > 0:
+        lam = lam.clamp(max=snr_cap)
+    w = lam / snr
+    return w / w.mean()
+
+
+class _DenoiseLoss(torch.nn.Module):
+    """Epsilon-prediction MSE of the U-Net conditioned on the (trained) text encoder, optionally
+    weighted per timestep (timestep_weights)."""
+
+    def __init__(self, unet, text_encoder, noise_scheduler, weights: torch.Tensor | None = None):
         super().__init__()
         self.unet, self.text_encoder, self.sched = unet, text_encoder, noise_scheduler
+        self.register_buffer("weights", weights if weights is not None else torch.empty(0), persistent=False)
 
     def forward(self, latents, ids, noise, t) -> torch.Tensor:
         noisy = self.sched.add_noise(latents, noise, t)
         cond = self.text_encoder(ids)[0]
-        return F.mse_loss(self.unet(noisy, t, cond).sample, noise)
+        err = (self.unet(noisy, t, cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.weights.numel():
+            err = err * self.weights.to(err.device)[t]
+        return err.mean()
 
 
 class Trainer:
@@ -361,7 +389,10 @@ class Trainer:
         ids, empty = ids[:-1], ids[-1]
         n = len(self.captions)
         noise_scheduler = DDPMScheduler.from_config(scheduler_config())
-        model = self._wrap(_DenoiseLoss(unet, text, noise_scheduler))
+        weights = None
+        if cfg.snr_floor > 0 or cfg.snr_cap > 0:
+            weights = timestep_weights(noise_scheduler.alphas_cumprod, cfg.snr_floor, cfg.snr_cap)
+        model = self._wrap(_DenoiseLoss(unet, text, noise_scheduler, weights))
 
         def batch(step, g):
             idx = torch.randint(n, (cfg.batch,), generator=g)
