@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ldmprobe.jsonout import print_line
+
 from .train import TrainConfig
 
 EXIT_USAGE = 2
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--out: {exc}")
         job = trainer.run()
         if trainer.dist.main:
-            print(json.dumps({"out": str(args.out), "wall_s": job["wall_s"], "loss": job.get("loss", {}),
-                              "done": (args.out / "model").is_dir()}))
+            print_line({"out": str(args.out), "wall_s": job["wall_s"], "loss": job.get("loss", {}),
+                        "done": (args.out / "model").is_dir()})
         return 0
     if args.command == "export":
         from . import checkpoint
@@ -170,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((args.out / "job.json").read_text())["config"]
         trainer = Trainer(args.out, TrainConfig(**config), progress=False)
         step = checkpoint.meta(args.out / "unet.checkpoint.safetensors")["step"]
-        print(json.dumps({"model": str(trainer.export()), "unet_step": step, "unet_steps": config["unet_steps"]}))
+        print_line({"model": str(trainer.export()), "unet_step": step, "unet_steps": config["unet_steps"]})
         return 0
     if args.command == "intervene":
-        print(json.dumps(_intervene(args)))
+        print_line(_intervene(args))
         return 0
     if args.command == "ship":
         from ldmprobe.models import SCENES_DIR
@@ -187,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         command = args.train_command or (args.run / "train.cmd").read_text().strip()
         card = ship(args.run, args.to or SCENES_DIR, command, figures,
                     {"bank.safetensors": args.bank} if args.bank else None)
-        print(json.dumps({"to": str(args.to or SCENES_DIR), "bytes_total": card["bytes_total"],
-                          "files": len(card["sha256"])}))
+        print_line({"to": str(args.to or SCENES_DIR), "bytes_total": card["bytes_total"],
+                    "files": len(card["sha256"])})
         return 0
     from .evaluate import run_evaluation
 
-    print(json.dumps(run_evaluation(args)))
+    print_line(run_evaluation(args))
     return 0
 
 

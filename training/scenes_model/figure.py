@@ -7,9 +7,10 @@ not import the serving layer."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from ldmprobe.jsonout import print_line
 
 
 def probe_figure(out: Path, prompt: str, seed: int, steps: list[int]) -> dict:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=3, help="seed (default: 3)")
     p.add_argument("--steps", default="0,3,7,14", help="returned steps (default: 0,3,7,14)")
     args = p.parse_args(argv)
-    print(json.dumps(probe_figure(args.out, args.prompt, args.seed, [int(s) for s in args.steps.split(",")])))
+    print_line(probe_figure(args.out, args.prompt, args.seed, [int(s) for s in args.steps.split(",")]))
     return 0
 
 

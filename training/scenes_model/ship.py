@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ldmprobe.atomic import atomic_path, write_json
+from ldmprobe.jsonout import sanitize
 
 CARD_FILES = ("card.md", "card.json", "README.md")  # the card and its pointers beside each weight file
 
@@ -46,7 +47,7 @@ def ship(run: Path, to: Path, command: str, figures: dict, extra_files: dict[str
             "wall_s": job["wall_s"], "wall_min_total": round(sum(job["wall_s"].values()) / 60, 1),
             "world_size": job.get("world_size"), "device": job.get("device"), "torch": job.get("torch"),
             "final_loss": job.get("loss"), "scaling_factor": job.get("scaling_factor"),
-            "figures": figures, "bytes_total": total, "sha256": files}
+            "figures": sanitize(figures), "bytes_total": total, "sha256": files}
     write_json(tmp / "card.json", card)
     with atomic_path(tmp / "card.md") as p:
         p.write_text(render_card(card))
