@@ -59,6 +59,7 @@ from ldmprobe.jsonout import print_line  # noqa: E402
 REPO_CACHE = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or ROOT / ".cache" / "inductor")  # warm cache
 DEFAULT_BANK = ROOT / "runs" / "tiny-bank" / "bank.safetensors"
 CONFIGS = ("batch_on", "batch_on_fast", "batch_off")
+FAST_DELAY_MS = 3  # batch_on_fast's maxBatchDelay (see the docstring)
 PORTS = ("inference", "management", "metrics", "worker", "grpc_inference", "grpc_management")
 MAX_TIMED = 64  # timed requests per (configuration, clients), all rounds together
 
@@ -82,9 +83,6 @@ class Deadline:
         if left <= 0:
             raise TimeoutError("bench/serve.py: global timeout reached")
         return min(left, cap)
-
-
-FAST_DELAY_MS = 3  # batch_on_fast's maxBatchDelay (see the docstring)
 
 
 def start_server(root: Path, store: Path, cache: Path, deadline: Deadline, started: list[Server]) -> tuple[Server, float]:

@@ -35,7 +35,7 @@ STAGES = ("vae", "decoder", "unet")  # what --only may pick; latents follow the 
 # between invocations until its stage has a checkpoint.
 STAGE_SETTINGS = {"vae_crop": "vae", "decoder_steps": "decoder", "decoder_lr": "decoder", "unet_steps": "unet", "batch": "unet",
                   "lr": "unet", "cfg_dropout": "unet", "ema_decay": "unet", "checkpoint_every": "unet", "dtype": "unet",
-                  "snr_floor": "unet", "snr_cap": "unet", "warmup": "unet"}
+                  "snr_floor": "unet", "snr_cap": "unet"}
 
 
 @dataclass
