@@ -225,6 +225,47 @@ def test_augmentation_helpers():
     assert not torch.equal(a, augment(images.copy(), np.random.default_rng(6)))
 
 
+def test_gradient_matching_asks_for_flat_where_the_label_is_flat():
+    """Known answers: zero for the label plus a constant (shift-free, like Spearman); a wobble on a flat
+    region costs more than a constant offset of the same RMSE; a step where the label has none costs."""
+    from training.label_models import dense_loss, gradient_matching
+
+    t = torch.zeros(2, 16, 16)
+    t[:, 4:12, 4:12] = 0.8  # an object on a flat floor
+    assert float(gradient_matching(t + 0.3, t)) == pytest.approx(0.0, abs=1e-6)
+    wobble = t + 0.05 * torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    offset = t + float((wobble - t).square().mean().sqrt())
+    assert float(gradient_matching(wobble, t)) > 0.01 > float(gradient_matching(offset, t))
+    stepped = t.clone()
+    stepped[:, :, 12:] += 0.2
+    assert float(gradient_matching(stepped, t)) > 0
+    # in the dense loss it is the shading term's partner, off at weight 0
+    out = torch.zeros(2, 3, 16, 16, requires_grad=True)
+    ones = torch.ones(2, 16, 16)
+    on = dense_loss(out, ones * 0, ones, ones * 5, t, grad_weight=4.0)
+    off = dense_loss(out, ones * 0, ones, ones * 5, t, grad_weight=0.0)
+    assert float(on["shading_grad"]) > 0 and float(off["shading_grad"]) == 0
+    assert float(on["total"] - off["total"]) == pytest.approx(4.0 * float(on["shading_grad"]), rel=1e-5)
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    """--init-from: zero training steps' worth of change (lr 0) leaves the shipped weights as they were,
+    and the card names where the run started."""
+    from ldmprobe.label_models import SCENES_LABELS_DIR as shipped_dir
+
+    out = tmp_path / "ft"
+    assert main(["--out", str(out), "--init-from", str(shipped_dir), "--scenes", "8", "--eval-scenes", "2",
+                 "--dense-steps", "1", "--classifier-steps", "1", "--batch", "4", "--lr", "0", "--classifier-size",
+                 "64", "--eval-blur", "2", "--no-progress"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["init_from"]["folder"] == str(shipped_dir) and card["init_from"]["command"]
+    a, b = load_label_models(out), load_label_models()
+    for name in ("dense", "classifier"):
+        for (k, v), (k2, v2) in zip(a.modules[name].state_dict().items(), b.modules[name].state_dict().items(), strict=True):
+            if v.is_floating_point() and "running" not in k:  # BN statistics move in train mode even at lr 0
+                assert k == k2 and torch.allclose(v.float(), v2.float(), atol=1e-3), k
+
+
 def test_training_job_smoke(tmp_path, capsys):
     out = tmp_path / "labels"
     argv = ["--out", str(out), "--scenes", "12", "--eval-scenes", "4", "--dense-steps", "2", "--classifier-steps", "2",
@@ -249,7 +290,15 @@ def test_training_job_smoke(tmp_path, capsys):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
-def test_training_job_rejects_bad_input(tmp_path):
+@pytest.mark.parametrize("args", [["--vgg-widths", "4,4,4"], ["--shading-grad-weight", "-1"],
+                                  ["--init-from", "no/such/folder"], ["--classifier-from", "no/such/folder"],
+                                  ["--init-from", "SHIPPED", "--dense-widths", "8,8,8"],
+                                  ["--classifier-from", "SHIPPED", "--classifier-size", "128"]])
+def test_training_job_rejects_bad_input(tmp_path, args):
+    """Bad values, missing folders, and weights that do not fit the asked architecture (the shipped
+    dense model is 16…64 wide, its classifier reads 64 px): exit 2, nothing written."""
+    args = [str(SCENES_LABELS_DIR) if a == "SHIPPED" else a for a in args]
     with pytest.raises(SystemExit) as exc:
-        main(["--out", str(tmp_path), "--vgg-widths", "4,4,4"])
+        main(["--out", str(tmp_path / "x"), *args, "--scenes", "4", "--batch", "2", "--eval-scenes", "1"])
     assert exc.value.code == 2
+    assert not (tmp_path / "x").exists()

@@ -224,6 +224,30 @@ def test_variety_over_seeds():
     assert len({s.spec.ground.color for s in scenes}) >= 3
 
 
+def test_frame_offset_moves_the_camera_in_its_image_plane_only():
+    """Every draw but the camera target is the same with or without the offset; the target moves in the
+    image plane (orientation, distance and field of view kept), so the object lands off centre: over
+    seeds its horizontal centroid spreads far more than when centred, and it stays in the frame."""
+    from training.scenes import MODEL_SCENES
+
+    centred_opts = {**MODEL_SCENES, "frame_offset": 0.0}
+    assert sample_scene(11, **{k: v for k, v in centred_opts.items() if k != "frame_offset"}) == sample_scene(11, **centred_opts)
+    a, b = sample_scene(11, **centred_opts), sample_scene(11, **MODEL_SCENES)
+    assert a.objects == b.objects and a.light == b.light and a.ground == b.ground
+    assert (a.camera.distance, a.camera.elevation_deg, a.camera.azimuth_deg, a.camera.fov_deg) == \
+        (b.camera.distance, b.camera.elevation_deg, b.camera.azimuth_deg, b.camera.fov_deg)
+    move = np.subtract(b.camera.target, a.camera.target)
+    assert np.linalg.norm(move) > 0 and abs(float(move @ a.camera.basis()[2])) < 1e-9  # no move along the view
+    xs = {}
+    for name, opts in (("centred", centred_opts), ("offset", MODEL_SCENES)):
+        scenes = [render_scene(s, 64, **opts) for s in range(40)]
+        assert all(sc.mask.any() for sc in scenes) and all(sc.spec.camera.eye[1] > 0 for sc in scenes)
+        xs[name] = np.array([np.nonzero(sc.mask)[1].mean() for sc in scenes])
+    assert xs["offset"].std() > 3 * xs["centred"].std() and xs["offset"].std() > 4  # pixels at 64²
+    with pytest.raises(ValueError, match="frame_offset"):
+        sample_scene(1, frame_offset=1.5)
+
+
 def test_prompt_names_objects_and_floor():
     red = Material("red", (0.8, 0.1, 0.1))
     blue = Material("blue", (0.1, 0.2, 0.8), "checker", "white", (0.9, 0.9, 0.9))

@@ -12,7 +12,7 @@ from training.study import caption_class, crossover, main
 
 REDUCED = ["--model", "scenes", "--prompts", "6", "--steps", "3", "--noised-scenes", "4", "--noised-test-scenes", "2",
            "--curve-items", "2", "--classify-items", "2", "--intervene-captions", "1", "--iterations", "2",
-           "--no-progress"]
+           "--guidance", "2", "--no-progress"]
 
 
 def test_caption_class_maps_cube_to_box():
@@ -32,6 +32,7 @@ def test_crossover_is_the_step_from_which_the_label_model_stays_ahead():
     (["--labels", "dpt:x"], "--labels"),
     (["--skip", "figures"], "--skip"),
     (["--iterations", "0"], "--iterations"),
+    (["--guidance", "-1"], "--guidance"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     rc = main(["--out", str(tmp_path / "s"), *args])
@@ -48,6 +49,8 @@ def test_reduced_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     assert set(line["wall_s"]) == {"prompts", "generated", "noised", "reports", "classify", "intervene"}
 
     report = (out / "report.md").read_text()
+    assert "guidance 2." in report  # --guidance reaches every generation: the fit, its report, the stages
+    assert json.loads((out / "generated" / "job.json").read_text())["guidance"] == 2
     for heading in ("## Layers", "## Best probes", "## Emergence", "## Classification", "## Intervention", "## Wall time"):
         assert heading in report
     assert report.count("| enc1 |") + report.count("Encoder 1") >= 1  # the layer table names the blocks

@@ -429,6 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     job = {"model_identity": model.identity, "mode": args.mode, "properties": props, "layers": layers,
            "steps": steps, "scheduler": settings.scheduler, "size": [height, width], "method": opts.method,
+           "guidance": settings.guidance if args.mode == "generated" else None,
            "protocol": opts.protocol, "recipe": opts.recipe, "options": opts.as_dict(), **schedule,
            "val_every": args.val_every, "shard_size": args.shard_size, "source": train_src.describe(),
            "train_ids_sha": hashlib.sha256(json.dumps(train_src.ids).encode()).hexdigest()[:16]}

@@ -62,6 +62,11 @@ EVAL_SEED_OFFSET = 8_000_000
 TEST_SEED_OFFSET = 9_000_000  # the tests' renders: never used here
 TARGETS = {"dice": 0.9, "depth_spearman": 0.9, "shading_spearman": 0.8, "top1": 0.9}
 SKY_WEIGHT = 0.25  # weight of sky pixels in the depth loss (their label is the far plane)
+# Weight of the shading gradient-matching term (MiDaS's multi-scale gradient matching, applied to shading).
+# Spearman over an image is decided inside its big ties (the evenly lit floor): a predictor that wobbles
+# there is ranked at random within the tie. Matching gradients asks for flat where the label is flat.
+SHADING_GRAD_WEIGHT = 4.0
+GRAD_SCALES = (1, 2, 4, 8)
 FP16_TOLERANCE = 1e-3  # a model ships in fp16 when no held-out figure moves by more than this
 
 
@@ -148,19 +153,35 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def dense_loss(out: torch.Tensor, mask, valid, depth, shading) -> dict[str, torch.Tensor]:
+def gradient_matching(pred: torch.Tensor, target: torch.Tensor, scales=GRAD_SCALES) -> torch.Tensor:
+    """Mean L1 between the finite differences of pred and target [N, H, W], over several scales
+    (2×2 … average-pooled), as MiDaS's gradient-matching loss: zero only where the prediction is
+    flat exactly where the label is, and steps exactly where it steps."""
+    total = pred.new_zeros(())
+    p, t = pred[:, None], target[:, None]
+    for k in scales:
+        pk, tk = (F.avg_pool2d(p, k), F.avg_pool2d(t, k)) if k > 1 else (p, t)
+        r = pk - tk
+        total = total + (r[..., :, 1:] - r[..., :, :-1]).abs().mean() + (r[..., 1:, :] - r[..., :-1, :]).abs().mean()
+    return total / len(scales)
+
+
+def dense_loss(out: torch.Tensor, mask, valid, depth, shading,
+               grad_weight: float = SHADING_GRAD_WEIGHT) -> dict[str, torch.Tensor]:
     """BCE for foreground; shift-invariant weighted MSE of log inverse depth (sky at the far plane,
-    weighted SKY_WEIGHT); soft-target BCE for shading."""
+    weighted SKY_WEIGHT); soft-target BCE for shading plus `grad_weight` × its gradient matching."""
     fg = F.binary_cross_entropy_with_logits(out[:, 0], mask)
     w = torch.where(valid > 0, 1.0, SKY_WEIGHT)
     r = out[:, 1] - torch.log(1.0 / depth)
     r = r - (w * r).sum((1, 2), keepdim=True) / w.sum((1, 2), keepdim=True)
     dep = ((w * r * r).sum((1, 2)) / w.sum((1, 2))).mean()
     sh = F.binary_cross_entropy_with_logits(out[:, 2], shading)
-    return {"foreground": fg, "depth": dep, "shading": sh, "total": fg + dep + sh}
+    grad = gradient_matching(torch.sigmoid(out[:, 2]), shading) if grad_weight else out.new_zeros(())
+    return {"foreground": fg, "depth": dep, "shading": sh, "shading_grad": grad,
+            "total": fg + dep + sh + grad_weight * grad}
 
 
-def train_dense(model, data, steps, batch, lr, seed, progress=True) -> dict:
+def train_dense(model, data, steps, batch, lr, seed, progress=True, grad_weight: float = SHADING_GRAD_WEIGHT) -> dict:
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng([seed, 1])
@@ -183,7 +204,7 @@ def train_dense(model, data, steps, batch, lr, seed, progress=True) -> dict:
         valid = torch.from_numpy(take("valid").astype(np.float32))
         depth = torch.from_numpy(take("depth").astype(np.float32))
         shading = torch.from_numpy(take("shading").astype(np.float32))
-        losses = dense_loss(model(x), mask, valid, depth, shading)
+        losses = dense_loss(model(x), mask, valid, depth, shading, grad_weight)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         opt.step()
@@ -284,6 +305,13 @@ def _rounded(module: torch.nn.Module, dtype: torch.dtype):
     return twin.eval()
 
 
+def _lineage(folder: Path) -> dict:
+    """What a fine-tuned run started from: the folder and its own card's command, wall time and lineage."""
+    prev = json.loads((folder / "card.json").read_text()) if (folder / "card.json").is_file() else {}
+    return {"folder": str(folder), "command": prev.get("command"), "wall_min_total": prev.get("wall_min_total"),
+            "init_from": prev.get("init_from"), "dense_from": prev.get("dense_from")}
+
+
 def _card_md(card: dict) -> str:
     f = card["figures"]
     rows = "\n".join(
@@ -291,6 +319,18 @@ def _card_md(card: dict) -> str:
         f"| {f[name]['shading_spearman_all_pixels']:.3f} | {f[name]['top1']:.3f} |" for name in f)
     files = "\n".join(f"| `{n}` | {v['bytes']} | {v['dtype']} | `{v['sha256']}` |" for n, v in card["files"].items())
     targets = ", ".join(f"{k} ≥ {v}" for k, v in card["targets"].items())
+    lineage = ""
+    if card.get("init_from"):
+        prev = card["init_from"]
+        lineage += (f"\nFine-tuned from `{prev['folder']}`, itself trained by `{prev['command']}` "
+                    f"({prev['wall_min_total']} min; its own lineage is in card.json).\n")
+    if card.get("classifier_from"):
+        prev = card["classifier_from"]
+        lineage += (f"\nClassifier kept from `{prev['folder']}` (trained by `{prev['command']}`, "
+                    f"{prev['wall_min_total']} min).\n")
+    if card.get("dense_from"):
+        lineage += (f"\nDense model kept from `{card['dense_from']['from']}` (trained by "
+                    f"`{card['dense_from']['from_command']}`).\n")
     return f"""# Scenes label models — model card
 
 Small models in the roles of the study's label models, for the scenes world
@@ -318,7 +358,7 @@ Command (from the repository root): `{card['command']}`
 Seed {card['seed']}; {card['device']}, torch {card['torch']}, {card['threads']} thread(s).
 Wall time (s): {json.dumps(card['wall_s'])} — {card['wall_min_total']} min in all.
 Final training losses (EMA): {json.dumps(card['final_loss'])}.
-
+{lineage}
 ## Held-out figures
 {card['eval_scenes']} renders with seeds {EVAL_SEED_OFFSET}… never used in training; means over images.
 Dice of P > 0.5 vs the exact mask; Spearman per image over valid pixels (ray hit ground or object) against
@@ -380,10 +420,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-from", type=Path, default=None,
                    help="a label-model folder whose dense model is kept as is (its training skipped; "
                         "default: train it)")
+    p.add_argument("--classifier-from", type=Path, default=None,
+                   help="a label-model folder whose classifier is kept as is (its training skipped; default: train it)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a label-model folder whose weights the trained models start from (fine-tuning; the "
+                        "architecture options must match its config.json; default: random initialisation)")
+    p.add_argument("--shading-grad-weight", type=float, default=SHADING_GRAD_WEIGHT,
+                   help=f"weight of the shading gradient-matching loss; 0 = BCE only (default: {SHADING_GRAD_WEIGHT:g})")
     p.add_argument("--eval-blur", type=float, action="append", default=None,
                    help="also evaluate on renders blurred by this sigma in pixels; repeatable (default: 1.5 and 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     return p
+
+
+def _load_starting_weights(p, args, config: dict, dense, classifier) -> dict:
+    """Load --init-from (both models, to fine-tune) and --dense-from / --classifier-from (kept as they are,
+    training skipped) into the fresh modules; returns the stats of the kept ones. Weights that do not fit the
+    asked architecture are a usage error."""
+    from ldmprobe.label_models import _load_weights
+
+    def load(module, path: Path, flag: str) -> None:
+        try:
+            _load_weights(module, path)
+        except Exception as exc:  # a shape mismatch: the architecture options differ from its config
+            p.error(f"{flag}: {path.parent}: {str(exc).splitlines()[0]}")
+
+    kept: dict = {}
+    if args.init_from is not None:
+        load(dense, args.init_from / DENSE_FILE, "--init-from")
+        load(classifier, args.init_from / CLASSIFIER_FILE, "--init-from")
+    if args.dense_from is not None:
+        load(dense, args.dense_from / DENSE_FILE, "--dense-from")
+        previous = json.loads((args.dense_from / "card.json").read_text()) if (args.dense_from / "card.json").is_file() else {}
+        kept["dense"] = {"wall_s": 0.0, "final_loss": (previous.get("final_loss") or {}).get("dense"),
+                         "from": str(args.dense_from), "from_command": previous.get("command"),
+                         "from_wall_s": (previous.get("wall_s") or {}).get("dense")}
+    if args.classifier_from is not None:
+        theirs = json.loads((args.classifier_from / CONFIG_FILE).read_text()).get("classifier") \
+            if (args.classifier_from / CONFIG_FILE).is_file() else None
+        if theirs != config["classifier"]:  # the same weights at another input size would be another model
+            p.error(f"--classifier-from: its classifier config {theirs} differs from this run's {config['classifier']}; "
+                    "pass the same --vgg-widths, --vgg-hidden, --vgg-head-kernel and --classifier-size")
+        load(classifier, args.classifier_from / CLASSIFIER_FILE, "--classifier-from")
+        kept["classifier"] = {"wall_s": 0.0, "final_loss": None, "from": _lineage(args.classifier_from)}
+    dense.float(), classifier.float()
+    for name in kept:
+        (dense if name == "dense" else classifier).eval()
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--vgg-head-kernel: at most {args.classifier_size // 32} (the final map at --classifier-size)")
     if args.dense_from is not None and not (args.dense_from / "dense.safetensors").is_file():
         p.error(f"--dense-from: {args.dense_from} holds no dense.safetensors")
+    if args.classifier_from is not None and not (args.classifier_from / CLASSIFIER_FILE).is_file():
+        p.error(f"--classifier-from: {args.classifier_from} holds no {CLASSIFIER_FILE}")
+    if args.init_from is not None and not all((args.init_from / f).is_file() for f in (DENSE_FILE, CLASSIFIER_FILE)):
+        p.error(f"--init-from: {args.init_from} lacks {DENSE_FILE} or {CLASSIFIER_FILE}")
+    if not (math.isfinite(args.shading_grad_weight) and args.shading_grad_weight >= 0):
+        p.error(f"--shading-grad-weight: a finite weight ≥ 0, got {args.shading_grad_weight}")
     if len(args.vgg_widths) != 5:
         p.error("--vgg-widths: VGG-16 has five stages, give five widths")
     if args.out.exists() and not args.out.is_dir():
@@ -412,11 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     wall: dict[str, float] = {}
 
-    t = time.perf_counter()
-    train = render_set(range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + args.scenes), size, progress, "render train")
-    held = render_set(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.eval_scenes), size, progress, "render held-out")
-    wall["render"] = round(time.perf_counter() - t, 1)
-
     names = class_names(MODEL_COLORS, KINDS)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "size": size, "class_names": names,
               "dense": {"widths": list(args.dense_widths)},
@@ -425,20 +509,23 @@ def main(argv: list[str] | None = None) -> int:
               "dense_channels": ["foreground logit", "log inverse depth + c", "shading logit"],
               "files": {"dense": DENSE_FILE, "classifier": CLASSIFIER_FILE}}
     dense, classifier = build_modules(config)
-    if args.dense_from is not None:  # kept from an earlier run (its card has its training)
-        from ldmprobe.label_models import _load_weights
+    kept = _load_starting_weights(p, args, config, dense, classifier)  # before any work: a mismatch exits 2 at once
+    t = time.perf_counter()
+    train = render_set(range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + args.scenes), size, progress, "render train")
+    held = render_set(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.eval_scenes), size, progress, "render held-out")
+    wall["render"] = round(time.perf_counter() - t, 1)
 
-        _load_weights(dense, args.dense_from / DENSE_FILE)
-        dense = dense.float().eval()
-        previous = json.loads((args.dense_from / "card.json").read_text()) if (args.dense_from / "card.json").is_file() else {}
-        dense_stats = {"wall_s": 0.0, "final_loss": (previous.get("final_loss") or {}).get("dense"),
-                       "from": str(args.dense_from), "from_command": previous.get("command"),
-                       "from_wall_s": (previous.get("wall_s") or {}).get("dense")}
+    if "dense" in kept:
+        dense_stats = kept["dense"]
     else:
-        dense_stats = train_dense(dense, train, args.dense_steps, args.batch, args.lr, args.seed, progress)
+        dense_stats = train_dense(dense, train, args.dense_steps, args.batch, args.lr, args.seed, progress,
+                                  args.shading_grad_weight)
     wall["dense"] = dense_stats["wall_s"]
-    cls_stats = train_classifier(classifier, train, args.classifier_steps, args.batch, args.lr, args.seed, progress,
-                                 input_size=args.classifier_size)
+    if "classifier" in kept:
+        cls_stats = kept["classifier"]
+    else:
+        cls_stats = train_classifier(classifier, train, args.classifier_steps, args.batch, args.lr, args.seed, progress,
+                                     input_size=args.classifier_size)
     wall["classifier"] = cls_stats["wall_s"]
 
     t = time.perf_counter()
@@ -501,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": {"dense": dense_stats["final_loss"], "classifier": cls_stats["final_loss"]},
         "dense_from": ({k: dense_stats[k] for k in ("from", "from_command", "from_wall_s")}
                        if args.dense_from is not None else None),
+        "init_from": _lineage(args.init_from) if args.init_from is not None else None,
+        "classifier_from": cls_stats.get("from"),
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -60,7 +60,9 @@ PATTERNS = ("plain", "checker", "stripes")
 # salient object per image is also what the study's LAION prompts mostly show. White and black are
 # left out: next to the grey floors they are the colours a palette rule cannot tell from the floor.
 MODEL_COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan")
-MODEL_SCENES = {"max_objects": 1, "colors": MODEL_COLORS, "plain": True}
+# The object is placed anywhere in the frame (`frame_offset`), not always at its centre: a model that has
+# only seen centred objects has learned "the object is in the middle" and cannot be moved by any edit.
+MODEL_SCENES = {"max_objects": 1, "colors": MODEL_COLORS, "plain": True, "frame_offset": 1.0}
 
 
 # ---------------------------------------------------------------- scene description
@@ -227,11 +229,14 @@ def _pick_material(rng, palette, exclude, p_patterns, scale_range) -> Material:
 
 
 def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds: Iterable[str] = KINDS,
-                 colors: Iterable[str] | None = None, plain: bool = False) -> SceneSpec:
+                 colors: Iterable[str] | None = None, plain: bool = False, frame_offset: float = 0.0) -> SceneSpec:
     """Draw a random scene. The camera distance is set from the scene's extent, so objects fill
     roughly 2–80 % of the frame (tested over many seeds). `colors` narrows the object palette,
     `plain` turns every texture off (objects and floor); the random draws are the same either way
-    up to those choices, so a narrowed distribution is a subset in kind, not a different sampler."""
+    up to those choices, so a narrowed distribution is a subset in kind, not a different sampler.
+    `frame_offset` (0…1) moves the camera parallel to its image plane so the scene's centre lands
+    anywhere in the part of the frame its extent leaves free (1: all of it horizontally, a third of it
+    vertically); drawn last, so every other draw is the same with or without it."""
     seed = rng if isinstance(rng, int) else None
     rng = np.random.default_rng(rng)
     kinds = tuple(kinds)
@@ -239,6 +244,8 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}")
     if max_objects < 1:
         raise ValueError("max_objects must be >= 1")
+    if not 0.0 <= frame_offset <= 1.0:
+        raise ValueError(f"frame_offset must be in [0, 1], got {frame_offset!r}")
     palette = OBJECT_COLORS if colors is None else {c: OBJECT_COLORS[c] for c in colors}
     if not palette or any(c not in OBJECT_COLORS for c in palette):
         raise ValueError(f"colors must be a non-empty subset of {tuple(OBJECT_COLORS)}")
@@ -293,7 +300,22 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
     light = Light(float(rng.uniform(20, 75)), float(rng.uniform(0, 360)), float(rng.uniform(0.1, 0.3)))
     horizon = tuple(float(v) for v in rng.uniform(0.75, 0.95, 3))
     zenith = tuple(float(v) for v in np.clip(np.array([0.3, 0.5, 0.85]) + rng.uniform(-0.15, 0.15, 3), 0, 1))
+    if frame_offset > 0:
+        camera = _offset_camera(camera, rng.uniform(-1.0, 1.0, 2) * frame_offset * (1.0 - fill) * np.array([1.0, 1 / 3]))
     return SceneSpec(objects, ground, camera, light, horizon, zenith, seed)
+
+
+def _offset_camera(camera: Camera, offset: np.ndarray) -> Camera:
+    """The camera moved parallel to its image plane so its old target appears at `offset` (x right,
+    y up) in units of the half-frame (square frame), its orientation unchanged. A move that would take
+    the eye below a tenth of its height above the floor is mirrored vertically."""
+    right, up, _ = camera.basis()
+    half = camera.distance * math.tan(math.radians(camera.fov_deg / 2))
+    ox, oy = float(offset[0]), float(offset[1])
+    if (camera.eye - half * (ox * right + oy * up))[1] < 0.1 * camera.eye[1]:
+        oy = -oy
+    target = np.asarray(camera.target, float) - half * (ox * right + oy * up)
+    return Camera(tuple(float(v) for v in target), camera.distance, camera.elevation_deg, camera.azimuth_deg, camera.fov_deg)
 
 
 # ---------------------------------------------------------------- intersections

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,7 @@ def fit_generated(args, prompts: dict[str, Any]) -> dict[str, Any]:
     out = args.out / "generated"
     argv = ["--model", args.model, "--mode", "generated", "--prompts", prompts["files"]["train"],
             "--test-prompts", prompts["files"]["test"], "--labels", args.labels, "--steps", str(args.steps),
+            "--guidance", f"{args.guidance:g}",
             "--val-every", str(max(2, min(5, prompts["train"] // 2))),  # λ is chosen on every 5th (small runs: 2nd)
             "--out", str(out), *(["--no-progress"] if args.no_progress else [])]
     _call(fit_main, argv, "training.fit (generated)")
@@ -142,7 +144,7 @@ def reports(args, prompts: dict[str, Any]) -> dict[str, Any]:
     for mode in ("generated", "noised"):
         run = args.out / mode
         argv = ["--run", str(run), "--model", args.model, "--curve-model", args.labels,
-                "--curve-items", str(args.curve_items)]
+                "--curve-items", str(args.curve_items), "--guidance", f"{args.guidance:g}"]
         if mode == "generated":
             argv += ["--curve-prompts", prompts["files"]["test"],
                      "--figure4-prompt", _first_test_prompt(prompts)["prompts"], "--figure4-seed",
@@ -178,7 +180,7 @@ def classify(args, prompts: dict[str, Any]) -> dict[str, Any]:
         for start in range(0, len(items), 8):
             chunk = items[start:start + 8]
             results = runner.classify_generation(sampler, [r["prompts"] for r in chunk], [int(r["seeds"]) for r in chunk],
-                                                 GenerationSettings(steps=args.steps), decode=decode,
+                                                 GenerationSettings(steps=args.steps, guidance=args.guidance), decode=decode,
                                                  targets=targets[start:start + 8], progress=not args.no_progress)
             for res in results:
                 correct.append((res.probabilities.argmax(-1) == res.target.index).float().numpy())
@@ -237,7 +239,7 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     bank = ProbeBank.load(args.out / "generated" / "bank.safetensors", model)
     sampler = Sampler(model)
     labels = load_label_models(args.labels.partition(":")[2] or None)
-    settings = GenerationSettings(steps=args.steps)
+    settings = GenerationSettings(steps=args.steps, guidance=args.guidance)
     out: dict[str, Any] = {"captions": len(items), "bank": "generated"}
     runs = {"sequential": [16, -16, 24, -24], "joint": [24, -24]}
     # the study's edited steps (0-4; depth 0-2) unless a short schedule has fewer
@@ -336,7 +338,7 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
              f"`python -m training.study {' '.join(sys.argv[1:]) if args.argv is None else ' '.join(args.argv)}`", ""]
     prompts = results["prompts"]["result"]
     lines += [f"Prompts: {prompts['train']} train / {prompts['test']} test captions of renders of the model's world "
-              f"({prompts['distinct_captions']} distinct), one seed each; {args.steps} LMS steps, guidance 7.5.", ""]
+              f"({prompts['distinct_captions']} distinct), one seed each; {args.steps} LMS steps, guidance {args.guidance:g}.", ""]
     lines += ["## Layers", "", "| block | layers | size | channels |", "|---|---|---|---|"]
     lines += [f"| {b['block']} | {', '.join(b['layers'])} | {b['size']} | {b['channels']} |" for b in layer_table(args.model)]
     rep = results["reports"]["result"]
@@ -411,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=100, help="prompts in all, split 40/60 (default: 100)")
     p.add_argument("--train-fraction", type=float, default=0.4, help="train share of the prompts (default: 0.4, the study's)")
     p.add_argument("--steps", type=int, default=15, help="LMS steps (default: 15, the study's)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance of every generation (default: 7.5, the study's; the scenes "
+                        "model follows its captions best at 2, see its card)")
     p.add_argument("--noised-scenes", type=int, default=48, help="noised mode: training renders (default: 48)")
     p.add_argument("--noised-test-scenes", type=int, default=16, help="noised mode: test renders (default: 16)")
     p.add_argument("--curve-items", type=int, default=8, help="test items the label models are run on per step (default: 8)")
@@ -433,6 +438,8 @@ def check(args) -> None:
                  "iterations"):
         if getattr(args, name) < 1:
             raise StudyError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 50):
+        raise StudyError(f"--guidance: a scale in 0…50, got {args.guidance}")
     if args.noised_scenes < 2:
         raise StudyError(f"--noised-scenes: need at least 2, got {args.noised_scenes}")
     if not args.labels.startswith("scenes:"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer edit order: sequential (the study's) or joint (all layers of a step at once, faster) "
                         "(default: sequential)")
     v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
+    c = sub.add_parser("patching", help="the ceiling of any attn1 edit: patch the layers with the unedited run's "
+                                        "own outputs, shifted; how far does the object move?")
+    c.add_argument("--model", default="scenes", help="model (default: scenes)")
+    c.add_argument("--captions", type=int, default=16, help="held-out captions, one seed each (default: 16)")
+    c.add_argument("--dx", type=float, default=24.0, help="horizontal shift in pixels (default: 24)")
+    c.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5, the study's)")
+    c.add_argument("--out", type=Path, default=None, help="folder for patching.json (default: none)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     x = sub.add_parser("export", help="write out/model from the latest checkpoints of a run, finished or stopped "
                                       "early (the U-Net's EMA weights at its last checkpoint)")
     x.add_argument("--out", required=True, type=Path, help="the training run folder")
@@ -111,6 +120,13 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--captions: must be >= 1, got {args.captions}")
         if args.bank is not None and not args.bank.is_file():
             p.error(f"--bank: {args.bank} is not a file")
+    elif args.command == "patching":
+        if args.captions < 1:
+            p.error(f"--captions: must be >= 1, got {args.captions}")
+        if not (math.isfinite(args.dx) and args.dx != 0):
+            p.error(f"--dx: a non-zero shift in pixels, got {args.dx}")
+        if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 50):
+            p.error(f"--guidance: a scale in 0…50, got {args.guidance}")
     elif args.command == "evaluate":
         if args.captions < 1:
             p.error(f"--captions: must be >= 1, got {args.captions}")
@@ -148,6 +164,33 @@ def _intervene(args) -> dict:
     return result
 
 
+def _patching(args) -> dict:
+    from ldmprobe.atomic import write_json
+    from ldmprobe.generate import Sampler
+    from ldmprobe.label_models import load_label_models
+    from ldmprobe.models import load_model
+    from ldmprobe.schemas import GenerationSettings
+
+    from .data import HELD_OUT_SEED_OFFSET, held_out_captions
+    from .patching import patching_ceiling
+
+    model = load_model(args.model)
+    sampler = Sampler(model)
+    labels = load_label_models()
+    captions = held_out_captions()
+    prompts = [captions[i % len(captions)]["caption"] for i in range(args.captions)]
+    seeds = [HELD_OUT_SEED_OFFSET + i for i in range(args.captions)]
+    names = sampler.select_layers("all")
+    layer_sets = {"all 16 layers": names, "decoder layers (the intervention's)": [n for n in names if n.startswith("dec")]}
+    windows = {"0-4 (the study's)": range(5), "0-9": range(10), "0-14 (every step)": range(15)}
+    out = patching_ceiling(sampler, prompts, seeds, GenerationSettings(guidance=args.guidance), args.dx, windows,
+                           layer_sets, lambda images: labels.foreground(images) > 0.5, progress=not args.no_progress)
+    result = {"model": args.model, "guidance": args.guidance, **out}
+    if args.out is not None:
+        write_json(args.out / "patching.json", result)
+    return {**result, "configs": {k: {m: v[m] for m in v if m not in ("per_caption", "layers")} for k, v in out["configs"].items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -176,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "intervene":
         print_line(_intervene(args))
+        return 0
+    if args.command == "patching":
+        print_line(_patching(args))
         return 0
     if args.command == "ship":
         from ldmprobe.models import SCENES_DIR
