@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--order", choices=["sequential", "joint"], default="sequential",
                    help="layer edit order: sequential (the study's) or joint (all layers of a step at once, faster) "
                         "(default: sequential)")
+    v.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5, the study's)")
     v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
     c = sub.add_parser("patching", help="the ceiling of any attn1 edit: patch the layers with the unedited run's "
                                         "own outputs, shifted; how far does the object move?")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--captions", type=int, default=16, help="held-out captions, one seed each (default: 16)")
     c.add_argument("--dx", type=float, default=24.0, help="horizontal shift in pixels (default: 24)")
     c.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5, the study's)")
+    c.add_argument("--label-models", default=None, help="label-model folder whose segmenter finds the object "
+                                                        "(default: the shipped scenes label models)")
     c.add_argument("--out", type=Path, default=None, help="folder for patching.json (default: none)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     x = sub.add_parser("export", help="write out/model from the latest checkpoints of a run, finished or stopped "
@@ -120,6 +123,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--captions: must be >= 1, got {args.captions}")
         if args.bank is not None and not args.bank.is_file():
             p.error(f"--bank: {args.bank} is not a file")
+        if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 50):
+            p.error(f"--guidance: a scale in 0…50, got {args.guidance}")
     elif args.command == "patching":
         if args.captions < 1:
             p.error(f"--captions: must be >= 1, got {args.captions}")
@@ -156,9 +161,11 @@ def _intervene(args) -> dict:
     captions, shifts = held_out_captions(), args.dx or [24.0]
     cases = [{"prompt": captions[i % len(captions)]["caption"], "seed": HELD_OUT_SEED_OFFSET + i,
               "dx": shifts[i % len(shifts)], "dy": 0.0} for i in range(args.captions)]
-    out = run_interventions(Sampler(model), bank, cases, GenerationSettings(steps=bank.num_steps or 15), order=args.order)
+    settings = GenerationSettings(steps=bank.num_steps or 15, guidance=args.guidance)
+    out = run_interventions(Sampler(model), bank, cases, settings, order=args.order)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
-    result = {"model": args.model, "order": args.order, "cases": len(cases), "summary": out["summary"], "seconds": out["seconds"]}
+    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "cases": len(cases),
+              "summary": out["summary"], "seconds": out["seconds"]}
     if args.out is not None:
         write_json(args.out / "intervene.json", {**result, "rows": rows})
     return result
@@ -176,7 +183,7 @@ def _patching(args) -> dict:
 
     model = load_model(args.model)
     sampler = Sampler(model)
-    labels = load_label_models()
+    labels = load_label_models(args.label_models)
     captions = held_out_captions()
     prompts = [captions[i % len(captions)]["caption"] for i in range(args.captions)]
     seeds = [HELD_OUT_SEED_OFFSET + i for i in range(args.captions)]
@@ -185,7 +192,7 @@ def _patching(args) -> dict:
     windows = {"0-4 (the study's)": range(5), "0-9": range(10), "0-14 (every step)": range(15)}
     out = patching_ceiling(sampler, prompts, seeds, GenerationSettings(guidance=args.guidance), args.dx, windows,
                            layer_sets, lambda images: labels.foreground(images) > 0.5, progress=not args.no_progress)
-    result = {"model": args.model, "guidance": args.guidance, **out}
+    result = {"model": args.model, "guidance": args.guidance, "label_models": labels.source, **out}
     if args.out is not None:
         write_json(args.out / "patching.json", result)
     return {**result, "configs": {k: {m: v[m] for m in v if m not in ("per_caption", "layers")} for k, v in out["configs"].items()}}
