@@ -1,4 +1,4 @@
-"""The patching ceiling (training.scenes_model.patching): the ideal attn1 edit and its positive control."""
+"""The patching ceiling (training.scenes_model.patching): the ideal attn1 edit, measured on the shipped model."""
 
 import json
 
@@ -31,17 +31,18 @@ def test_summary_counts_what_moved():
 
 @pytest.mark.slow
 def test_patching_ceiling_on_the_scenes_model(capsys, tmp_path):
-    """The positive control (the initial noise shifted by 24 px) moves the object most of the way: the
-    measure sees a move where there is one. Every configuration is measured on every caption."""
+    """On the shipped model (objects anywhere in the frame) the ideal edit of all 16 attn1 outputs at the
+    study's steps 0-4 moves the object (runs/scenes-patching5-g2: 0.41 on these 4 captions, 0.63 on 16; the
+    stage-3 model, trained on centred objects only: 0.006). Every configuration is measured on every caption."""
     from training.scenes_model.__main__ import main
 
-    assert main(["patching", "--captions", "3", "--guidance", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["patching", "--captions", "4", "--guidance", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     configs = line["configs"]
-    assert configs["control: initial noise shifted"]["shift_fraction_mean"] >= 0.5, configs
-    assert len(configs) == 7 and all(c["n_measured"] == 3 for c in configs.values())
+    assert configs["all 16 layers × steps 0-4 (the study's)"]["shift_fraction_mean"] >= 0.2, configs
+    assert len(configs) == 7 and all(c["n_measured"] == 4 for c in configs.values())
     saved = json.loads((tmp_path / "patching.json").read_text())
-    assert len(saved["configs"]["all 16 layers × steps 0-14 (every step)"]["per_caption"]) == 3
+    assert len(saved["configs"]["all 16 layers × steps 0-14 (every step)"]["per_caption"]) == 4
 
 
 @pytest.mark.parametrize("args, message", [(["--dx", "0"], "--dx"), (["--captions", "0"], "--captions"),

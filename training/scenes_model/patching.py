@@ -8,8 +8,9 @@ the representation the study edits does not hold the object's place in this mode
 optimiser can meet the intervention goal.
 
 Measured like the intervention (`intervention_eval`): the centroid of the label model's foreground mask,
-achieved shift over requested shift. A positive control shifts the initial noise by the same amount:
-it must move the object (≈ 1), or the measure itself is broken.
+achieved shift over requested shift. For reference, the initial noise shifted by the same amount: a
+model whose layout were a translation-equivariant function of its noise would move the object fully;
+one that knows absolute position (from the convolutions' zero padding) moves it less.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def patching_ceiling(sampler, prompts: list[str], seeds: list[int], settings, dx
     base = [_centroid_x(m) for m in reference]
     configs: dict[str, dict] = {}
 
-    # positive control: the same shift applied to the initial noise (whole latent cells)
+    # reference: the same shift applied to the initial noise (whole latent cells)
     cells = dx / sampler.model.vae_scale_factor
     if cells == int(cells):
         r = sampler.start(prompts, seeds, settings)
@@ -89,7 +90,7 @@ def patching_ceiling(sampler, prompts: list[str], seeds: list[int], settings, dx
             noise, acts = r.predict()
             r.advance(noise, acts)
         values = _fractions(foreground(sampler.decode(r.latents)), base, dx)
-        configs["control: initial noise shifted"] = {**summarise(values), "per_caption": values}
+        configs["reference: initial noise shifted"] = {**summarise(values), "per_caption": values}
 
     jobs = [(ln, wn) for ln in layer_sets for wn in windows]
     for layer_name, window_name in tqdm(jobs, desc="patching", unit="config", disable=not progress):
