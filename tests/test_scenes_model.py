@@ -142,6 +142,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     (["train", "--out", "X", "--snr-floor", "6", "--snr-cap", "5"], "--snr-floor"),
     (["evaluate", "--captions", "0"], "--captions"),
     (["intervene", "--guidance", "-1"], "--guidance"),
+    (["intervene", "--protocol", "theirs"], "--protocol"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     from training.scenes_model.__main__ import main

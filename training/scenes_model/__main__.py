@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5, the study's)")
     v.add_argument("--layers", default=None, help="edited layers: all, groups (dec3) or names, comma-separated "
                                                   "(default: the study's decoder layers dec2.0-dec4.2)")
+    v.add_argument("--protocol", choices=["ldmprobe", "study"], default="ldmprobe",
+                   help="whose behaviours the edit takes: ldmprobe or the study's code (default: ldmprobe)")
     v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
     c = sub.add_parser("patching", help="the ceiling of any attn1 edit: patch the layers with the unedited run's "
                                         "own outputs, shifted; how far does the object move?")
@@ -165,9 +167,9 @@ def _intervene(args) -> dict:
               "dx": shifts[i % len(shifts)], "dy": 0.0} for i in range(args.captions)]
     settings = GenerationSettings(steps=bank.num_steps or 15, guidance=args.guidance)
     layers = {"layers": args.layers if args.layers in (None, "all") else args.layers.split(",")}
-    out = run_interventions(Sampler(model), bank, cases, settings, order=args.order, **layers)
+    out = run_interventions(Sampler(model), bank, cases, settings, order=args.order, protocol=args.protocol, **layers)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
-    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default", "cases": len(cases),
+    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default", "protocol": args.protocol, "cases": len(cases),
               "summary": out["summary"], "seconds": out["seconds"]}
     if args.out is not None:
         write_json(args.out / "intervene.json", {**result, "rows": rows})
