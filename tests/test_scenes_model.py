@@ -143,6 +143,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     (["evaluate", "--captions", "0"], "--captions"),
     (["intervene", "--guidance", "-1"], "--guidance"),
     (["intervene", "--protocol", "theirs"], "--protocol"),
+    (["intervene", "--layers", "dec9"], "--layers"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     from training.scenes_model.__main__ import main

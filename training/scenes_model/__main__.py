@@ -16,6 +16,10 @@ from .train import TrainConfig
 EXIT_USAGE = 2
 
 
+class UsageError(ValueError):
+    """Bad input found once the model is loaded: exit 2 with one line, like the parser's errors."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line on stderr, exit 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -166,8 +170,14 @@ def _intervene(args) -> dict:
     cases = [{"prompt": captions[i % len(captions)]["caption"], "seed": HELD_OUT_SEED_OFFSET + i,
               "dx": shifts[i % len(shifts)], "dy": 0.0} for i in range(args.captions)]
     settings = GenerationSettings(steps=bank.num_steps or 15, guidance=args.guidance)
+    sampler = Sampler(model)
     layers = {"layers": args.layers if args.layers in (None, "all") else args.layers.split(",")}
-    out = run_interventions(Sampler(model), bank, cases, settings, order=args.order, protocol=args.protocol, **layers)
+    if args.layers is not None:
+        try:
+            sampler.select_layers(layers["layers"])
+        except (KeyError, ValueError) as exc:  # an unknown layer name: the message lists the valid ones
+            raise UsageError(f"--layers: {str(exc.args[0]).splitlines()[0]}") from exc
+    out = run_interventions(sampler, bank, cases, settings, order=args.order, protocol=args.protocol, **layers)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
     result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default", "protocol": args.protocol, "cases": len(cases),
               "summary": out["summary"], "seconds": out["seconds"]}
@@ -230,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print_line({"model": str(trainer.export()), "unet_step": step, "unet_steps": config["unet_steps"]})
         return 0
     if args.command == "intervene":
-        print_line(_intervene(args))
+        try:
+            print_line(_intervene(args))
+        except UsageError as exc:
+            p.error(str(exc))
         return 0
     if args.command == "patching":
         print_line(_patching(args))
