@@ -127,10 +127,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     weights = [k for k in a if "optim" not in k]
     # the same global batches and draws: equal up to the order of the gradient all-reduce. Adam divides
-    # by sqrt(v), so a rounding difference in a near-zero gradient can move a weight by a fraction of one
-    # learning-rate step (lr 1e-3); a wrong sharding or draw moves every weight by whole steps.
+    # by sqrt(v), so where a weight's gradient is near zero a rounding difference can flip its sign and move
+    # that weight by up to two learning-rate steps (lr 1e-3; 1.03e-3 measured once the world put objects
+    # anywhere in the frame); a wrong sharding or draw moves every weight, which the mean catches.
     diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in weights])
-    assert float(diffs.max()) < 5e-4 and float(diffs.mean()) < 1e-6, (float(diffs.max()), float(diffs.mean()))
+    assert float(diffs.max()) < 2.5e-3 and float(diffs.mean()) < 1e-6, (float(diffs.max()), float(diffs.mean()))
 
 
 @pytest.mark.parametrize("args, message", [
