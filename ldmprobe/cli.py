@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--depth-target", default=None, choices=["warp", "minmax"],
                    help="depth edits: warp (the warped map as is) or minmax (the study's: edge-filled, scaled "
                         "to [-9, 9]) (default: minmax under --protocol study, else warp)")
+    i.add_argument("--metric", default=None, choices=["euclidean", "activation"],
+                   help="how each activation moves to the probe outputs the optimiser decides: euclidean (Adam's own "
+                        "path along the probe's read-out, the study's) or activation (the smallest move in the "
+                        "activations' covariance metric) (default: euclidean under --protocol study, else activation)")
     i.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
                    help="also run every dx in this range (pixels) and write sweep.gif + sweep.json (default: none)")
     _add_run_args(i, "torch.compile the U-Net and the Adam step")
@@ -352,7 +356,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
               "edit_steps": _steps_list(args.edit_steps),
               "layers": None if args.layers is None else [x.strip() for x in args.layers.split(",") if x.strip()],
               "lr": args.lr, "iterations": args.iterations, "order": args.order, "protocol": args.protocol,
-              "depth_target": args.depth_target}
+              "depth_target": args.depth_target, "metric": args.metric}
     try:
         req = InterveneRequest(**fields)
     except ValidationError as exc:

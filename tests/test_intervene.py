@@ -112,6 +112,65 @@ def test_own_target_is_an_exact_no_op():
     assert out.final_loss["dec4.0"] == 0.0
 
 
+# --- the activation-metric edit -------------------------------------------------------------------
+def test_activation_metric_edit_turns_a_background_token_into_the_images_object_token():
+    """Two kinds of token (object μ1, background μ0) plus small noise, a probe w that is not along
+    μ1 − μ0: moving a background token to the object's reading along Σw/(wᵀΣw) makes it (nearly)
+    the object token, while the Euclidean minimal move (along w) does not; the reading changes by
+    exactly the requested amount either way."""
+    gen = torch.Generator().manual_seed(0)
+    c = 32
+    mu0, mu1 = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    is_fg = torch.arange(64) < 20
+    x0 = torch.where(is_fg[:, None], mu1, mu0) + 0.01 * torch.randn(64, c, generator=gen)
+    w = (mu1 - mu0) + torch.randn(c, generator=gen)  # a probe that also reads other directions
+    delta = torch.zeros(64)
+    delta[~is_fg] = float(w @ (mu1 - mu0))  # every background token to the object's reading
+    edited = iv.activation_metric_edit(x0[None], w[None], delta[None])[0]
+    torch.testing.assert_close(edited @ w - x0 @ w, delta, atol=1e-3, rtol=1e-4)
+    assert (edited[~is_fg] - mu1).norm(dim=-1).max() < 0.1 * (mu1 - mu0).norm()
+    euclid = x0 + delta[:, None] * w / (w @ w)
+    assert (euclid[~is_fg] - mu1).norm(dim=-1).min() > 0.5 * (mu1 - mu0).norm()
+    torch.testing.assert_close(edited[is_fg], x0[is_fg])  # a zero request is no move
+
+
+def test_activation_metric_edit_of_constant_activations_is_the_euclidean_one():
+    x0 = torch.ones(1, 16, 8)
+    w = torch.arange(1.0, 9.0)[None]
+    delta = torch.full((1, 16), 2.0)
+    edited = iv.activation_metric_edit(x0, w, delta)
+    assert torch.isfinite(edited).all()
+    torch.testing.assert_close(edited, x0 + 2.0 * w[:, None, :] / (w * w).sum())
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse", "huber"])
+def test_activation_metric_reaches_the_same_probe_outputs_as_adam(loss):
+    acts, targets = _targets(loss, SHAPES, seed=5)
+    euclid = iv.optimise(acts, targets, iterations=32)
+    act = iv.optimise(acts, targets, iterations=32, metric="activation")
+    for t in targets:
+        torch.testing.assert_close(iv.raw_output(t.probe, act.activations[t.layer]),
+                                   iv.raw_output(t.probe, euclid.activations[t.layer]), atol=2e-4, rtol=1e-4)
+        assert act.final_loss[t.layer] == euclid.final_loss[t.layer]
+        assert not torch.allclose(act.activations[t.layer], euclid.activations[t.layer])  # another path
+    with pytest.raises(iv.InterventionError) as err:
+        iv.optimise(acts, targets, iterations=1, metric="cosine")
+    assert err.value.field == "metric"
+
+
+def test_own_target_is_an_exact_no_op_in_the_activation_metric_too():
+    acts, targets = _targets("bce", {"dec4.0": (64, 8)})
+    own = [iv.LayerTarget(t.layer, t.probe, t.target, t.loss, own=acts[t.layer]) for t in targets]
+    out = iv.optimise(acts, own, iterations=32, metric="activation")
+    assert torch.equal(out.activations["dec4.0"], acts["dec4.0"])
+
+
+def test_metric_defaults_by_protocol():
+    assert iv.InterventionSpec().resolved_metric() == "activation"
+    assert iv.InterventionSpec(protocol="study").resolved_metric() == "euclidean"
+    assert iv.InterventionSpec(protocol="study", metric="activation").resolved_metric() == "activation"
+
+
 def test_bce_needs_a_sigmoid_probe():
     probe = Probe("foreground", "dec4.0", 0, torch.zeros(4, 1), torch.zeros(1), "mask", False, (0.0,), (1.0,))
     assert iv.resolve_loss(probe) == "mse"
@@ -337,7 +396,26 @@ def test_label_model_is_run_on_both_images(sampler, scene_bank, tiny):
     runner = iv.Intervention(sampler, ProbeBank.load(scene_bank, tiny), label_model=saliency)
     out = runner.run(PROMPT, SEED, iv.InterventionSpec(dx=16, edit_steps=[0], iterations=8), SETTINGS)
     assert seen == [(2, 3, 128, 128)]
-    assert set(out.success["label_model"]) == {"dice_to_target", "dice_baseline"}
+    assert set(out.success["label_model"]) == {"dice_to_target", "dice_baseline", "shift_achieved_px", "shift_fraction"}
+
+
+def test_label_model_shift_is_read_from_its_own_masks():
+    """The segmenter's masks moved right by 8 px (of a 16 px request): its shift fraction is 0.5,
+    whatever the probe maps say; a mask at half the image's resolution is scaled back to pixels."""
+    zeros = torch.zeros(32, 32)
+    tgt = torch.zeros(32, 32)
+    tgt[8:16, 20:28] = 1
+    orig = torch.zeros(32, 32)
+    orig[8:16, 4:12] = 1
+    before, after = torch.zeros(16, 16), torch.zeros(16, 16)
+    before[4:8, 2:6] = 1
+    after[4:8, 6:10] = 1
+    img = torch.zeros(3, 32, 32)
+    out = iv.measure("foreground", orig, orig, tgt, img, img, zeros, zeros + 1, iv.translation(16, 0),
+                     label_maps={"original": before, "edited": after})
+    assert out["shift_fraction"] == 0.0  # the probe's maps did not move
+    assert out["label_model"]["shift_achieved_px"] == [8.0, 0.0]
+    assert out["label_model"]["shift_fraction"] == 0.5
 
 
 @pytest.mark.parametrize(("spec", "field"), [
@@ -352,6 +430,7 @@ def test_label_model_is_run_on_both_images(sampler, scene_bank, tiny):
     (iv.InterventionSpec(affine=[[0, 0, 0], [0, 0, 0]]), "affine"),
     (iv.InterventionSpec(eval_layer="dec9.9"), "eval_layer"),
     (iv.InterventionSpec(order="parallel"), "order"),
+    (iv.InterventionSpec(metric="cosine"), "metric"),
 ])
 def test_bad_specs_name_the_field(runner, spec, field):
     with pytest.raises(iv.InterventionError) as err:

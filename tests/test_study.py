@@ -67,6 +67,9 @@ def test_reduced_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     assert len(classify["latent"]["top1_accuracy_per_step"]) == 3
     intervene = json.loads((out / "stages" / "intervene.json").read_text())["result"]
     assert intervene["sequential"]["summary"]["n"] == 4 and intervene["joint"]["summary"]["n"] == 2
+    assert intervene["activation"]["summary"]["n"] == 4 and intervene["activation"]["metric"] == "activation"
+    assert intervene["sequential"]["metric"] == "euclidean"  # the study's edit
+    assert "| sequential | activation |" in report
     reports = json.loads((out / "stages" / "reports.json").read_text())["result"]
     for mode in ("generated", "noised"):
         props = reports[mode]["properties"]

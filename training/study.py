@@ -222,9 +222,17 @@ def _save(fig, path: Path) -> Path:
 
 
 # --- stage 6: intervention -------------------------------------------------------------------------------
+# name → (order, metric, shifts): the study's edit (sequential, Adam's own path), the joint order, and
+# ours (the smallest move in the activations' covariance metric, `ldmprobe.intervene.activation_metric_edit`)
+INTERVENTION_RUNS = {"sequential": ("sequential", "euclidean", [16, -16, 24, -24]),
+                     "joint": ("joint", "euclidean", [24, -24]),
+                     "activation": ("sequential", "activation", [16, -16, 24, -24])}
+
+
 def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
-    """Each test caption edited at dx ∈ ±16, ±24 px (sequential, the study's order; joint on ±24), and
-    depth edits at dx 24 on a quarter of them; scored by the probe and by the label models."""
+    """Each test caption edited at dx ∈ ±16, ±24 px: the study's edit (sequential, Euclidean), the joint
+    order on ±24, and the activation-metric edit; depth edits at dx 24 on a quarter of them (the study's
+    edit); scored by the probe and by the label models."""
     from ldmprobe.generate import Sampler
     from ldmprobe.label_models import load_label_models
     from ldmprobe.models import load_model
@@ -241,22 +249,23 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     labels = load_label_models(args.labels.partition(":")[2] or None)
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance)
     out: dict[str, Any] = {"captions": len(items), "bank": "generated"}
-    runs = {"sequential": [16, -16, 24, -24], "joint": [24, -24]}
     # the study's edited steps (0-4; depth 0-2) unless a short schedule has fewer
     edit = {} if args.steps >= 5 else {"edit_steps": list(range(args.steps))}
     keep: dict[str, Any] = {}
-    for order, shifts in runs.items():
+    for name, (order, metric, shifts) in INTERVENTION_RUNS.items():
         cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": float(dx)} for r in items for dx in shifts]
         res = run_interventions(sampler, bank, cases, settings, label_model=labels.foreground,
-                                progress=not args.no_progress, order=order, iterations=args.iterations, **edit)
-        out[order] = {"summary": res["summary"], "seconds": res["seconds"],
+                                progress=not args.no_progress, order=order, metric=metric, iterations=args.iterations,
+                                **edit)
+        out[name] = {"order": order, "metric": metric, "summary": res["summary"], "seconds": res["seconds"],
                       "by_shift": {str(dx): _summary_of([r for r in res["rows"] if r["dx"] == dx]) for dx in shifts},
                       "rows": [{k: v for k, v in r.items() if k != "_result"} for r in res["rows"]]}
-        keep[order] = res["rows"]
+        keep[name] = res["rows"]
     depth_cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": 24.0, "property": "depth"}
                    for r in items[:max(1, len(items) // 4)]]
     depth = run_interventions(sampler, bank, depth_cases, settings, label_model=labels.depth,
-                              progress=not args.no_progress, order="sequential", iterations=args.iterations,
+                              progress=not args.no_progress, order="sequential", metric="euclidean",
+                              iterations=args.iterations,
                               **({} if args.steps >= 3 else edit))
     out["depth"] = {"summary": depth["summary"], "seconds": depth["seconds"],
                     "rows": [{k: v for k, v in r.items() if k != "_result"} for r in depth["rows"]]}
@@ -383,11 +392,16 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
     if "intervene" in results:
         iv = results["intervene"]["result"]
         lines += ["## Intervention", "", f"{iv['captions']} test captions, the generated-mode bank.", "",
-                  "| order | shift | n | mean shift fraction | moved (≥ 0.5) | Dice to target > baseline (probe) | "
-                  "(label model) |", "|---|---|---|---|---|---|---|"]
-        for order in ("sequential", "joint"):
-            for dx, s in iv[order]["by_shift"].items():
-                lines.append(f"| {order} | {dx} | {s.get('n')} | {_fmt(s.get('shift_fraction_mean'))} | "
+                  "Shift fractions as the evaluation probe reads the final image and (label model) as the segmenter "
+                  "sees it. Metric: euclidean = Adam's own path along the probe's read-out (the study's); activation "
+                  "= the same probe outputs reached by the smallest move in the activations' covariance metric.", "",
+                  "| order | metric | shift | n | mean shift fraction (probe) | (label model) | moved (≥ 0.5) | "
+                  "Dice to target > baseline (probe) | (label model) |", "|---|---|---|---|---|---|---|---|---|"]
+        for name in (n for n in INTERVENTION_RUNS if n in iv):
+            run = iv[name]
+            for dx, s in run["by_shift"].items():
+                lines.append(f"| {run.get('order', name)} | {run.get('metric', 'euclidean')} | {dx} | {s.get('n')} | "
+                             f"{_fmt(s.get('shift_fraction_mean'))} | {_fmt(s.get('label_model_shift_fraction_mean'))} | "
                              f"{_fmt(s.get('moved_fraction'))} | {_fmt(s.get('dice_better_fraction'))} | "
                              f"{_fmt(s.get('label_model_dice_better_fraction'))} |")
         d = iv["depth"]["summary"].get("depth", {})

@@ -83,7 +83,9 @@ def measure(prop: str, original_map: torch.Tensor, edited_map: torch.Tensor, tar
         tgt = resize_mask(target_map, *lo.shape[-2:])
         if prop == "foreground":
             out["label_model"] = {"dice_to_target": _r(float(dice(le[None], (tgt > threshold).float()[None])[0])),
-                                  "dice_baseline": _r(float(dice(lo[None], (tgt > threshold).float()[None])[0]))}
+                                  "dice_baseline": _r(float(dice(lo[None], (tgt > threshold).float()[None])[0])),
+                                  **_shift(lo > threshold, le > threshold, out.get("shift_requested_px"),
+                                           lo.shape[-1] / original_map.shape[-1])}
         else:
             out["label_model"] = {"pearson_to_target": _r(float(pearson(le[None], tgt[None])[0])),
                                   "pearson_baseline": _r(float(pearson(lo[None], tgt[None])[0]))}
@@ -119,6 +121,19 @@ def representation_success(prop: str, step: int, targets: Sequence[LayerTarget],
     mean = {k: _r(sum(v[k] for v in per_layer.values() if v[k] is not None)
                   / max(1, sum(v[k] is not None for v in per_layer.values()))) for k in keys}
     return {"step": step, **mean, "layers": per_layer}
+
+
+def _shift(before: torch.Tensor, after: torch.Tensor, requested: Sequence[float] | None,
+           scale: float) -> dict[str, Any]:
+    """The centroid shift between two masks (in image pixels; `scale` = mask px per image px) and
+    its projection on the requested shift: the label model's own reading of the move."""
+    c0, c1 = centroid(before), centroid(after)
+    if c0 is None or c1 is None:
+        return {"shift_achieved_px": None, "shift_fraction": None}
+    achieved = ((c1[0] - c0[0]) / scale, (c1[1] - c0[1]) / scale)
+    norm2 = None if requested is None else requested[0] ** 2 + requested[1] ** 2
+    fraction = (achieved[0] * requested[0] + achieved[1] * requested[1]) / norm2 if norm2 else None
+    return {"shift_achieved_px": _pair(achieved), "shift_fraction": _r(fraction)}
 
 
 def is_translation(affine: Sequence[Sequence[float]]) -> bool:

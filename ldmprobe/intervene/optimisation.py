@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..compiling import compile_function
 from ..probes import Probe
-from .spec import DEFAULT_ITERATIONS, DEFAULT_LR, InterventionError, LossName
+from .spec import DEFAULT_ITERATIONS, DEFAULT_LR, EDIT_METRICS, EditMetric, InterventionError, LossName
 
 
 @dataclass
@@ -146,8 +146,26 @@ def compiled_adam_step():
     return _compiled_step
 
 
+def activation_metric_edit(x0: torch.Tensor, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The smallest edit of x0 [n, HW, C] that changes the probe outputs (x·w) by `delta` [n, HW]
+    in the metric of the activations' own covariance over the tokens (Mahalanobis), not the
+    Euclidean one: each token moves along u = Σw / (wᵀΣw), the regression of the activation on
+    the probe's reading (E[x | y] for Gaussian activations). For a foreground probe that is the
+    direction in which this image's object tokens differ from its background tokens: the token
+    takes on what the image's own object looks like, not only the probe's read-out direction.
+    w·u = 1, so the outputs change by exactly `delta`. Σw needs no inverse: Σw = Xcᵀ(Xc w)/n."""
+    xc = x0 - x0.mean(1, keepdim=True)  # [n, HW, C]
+    sw = (xc.transpose(1, 2) @ (xc @ w[..., None])) / x0.shape[1]  # [n, C, 1]
+    wsw = (w[:, None, :] @ sw)[..., 0]  # [n, 1]
+    u = sw[..., 0] / wsw.clamp_min(1e-12)  # [n, C]
+    flat = wsw[:, 0] <= 1e-12 * (w * w).sum(-1)  # a constant activation: no covariance to follow
+    u = torch.where(flat[:, None], w / (w * w).sum(-1, keepdim=True).clamp_min(1e-30), u)
+    return x0 + delta[..., None] * u[:, None, :]
+
+
 def optimise(activations: Mapping[str, torch.Tensor], targets: Sequence[LayerTarget], lr: float = DEFAULT_LR,
-             iterations: int = DEFAULT_ITERATIONS, compiled: bool = False) -> Optimised:
+             iterations: int = DEFAULT_ITERATIONS, compiled: bool = False,
+             metric: EditMetric = "euclidean") -> Optimised:
     """All layers of one step in one loop of exact Adam (torch's defaults), batched.
 
     For a linear probe y_i = x_i · w + b and a per-pixel loss, the gradient is an outer product,
@@ -158,7 +176,13 @@ def optimise(activations: Mapping[str, torch.Tensor], targets: Sequence[LayerTar
     loss are stacked ([n, H·W, C]); each layer's loss is its own, so every layer follows the
     trajectory of its own one-layer loop (`optimise_reference`), up to float rounding.
     compiled=True runs the step through torch.compile (one fused kernel on CPU; measured in
-    bench/intervene.py)."""
+    bench/intervene.py).
+
+    metric="activation": the loop decides the probe outputs to reach; the edit that reaches them
+    is then the smallest in the activations' covariance metric (`activation_metric_edit`)
+    instead of Adam's own path (the study's: sign(w)-shaped moves along the probe's read-out)."""
+    if metric not in EDIT_METRICS:
+        raise InterventionError(f"unknown edit metric {metric!r}; use {' or '.join(EDIT_METRICS)}", "metric")
     started = time.perf_counter()
     step_fn = compiled_adam_step() if compiled else adam_step
     groups: dict[tuple, list[LayerTarget]] = {}
@@ -179,7 +203,7 @@ def optimise(activations: Mapping[str, torch.Tensor], targets: Sequence[LayerTar
                 own = torch.stack([m.own.detach().float() for m in members])
                 t = _step_outputs(step_fn, own, w, b, loss_name)
                 t = torch.sigmoid(t) if loss_name == "bce" else t
-            y = _step_outputs(step_fn, x, w, b, loss_name)
+            y = y_start = _step_outputs(step_fn, x, w, b, loss_name)
             initial = _loss(y, t, loss_name)
             m_, v_ = torch.zeros_like(y), torch.zeros_like(y)
             for k in range(1, int(iterations) + 1):
@@ -187,6 +211,9 @@ def optimise(activations: Mapping[str, torch.Tensor], targets: Sequence[LayerTar
                 sqrt_bc2 = torch.tensor(math.sqrt(1 - b2**k), device=x.device)
                 y = step_fn(x, y, m_, v_, t, w, b, lr_bc1, sqrt_bc2, loss_name)
             final = _loss(y, t, loss_name)
+            if metric == "activation":
+                x0 = torch.stack([activations[m.layer].detach().float() for m in members])
+                x = activation_metric_edit(x0, w, y - y_start)  # both from step_fn: a zero move stays exactly 0
             for i, m in enumerate(members):
                 out[m.layer] = x[i]
                 first[m.layer], last[m.layer] = float(initial[i]), float(final[i])

@@ -54,6 +54,7 @@ from .spec import (
     DEFAULT_LAYERS,
     DEFAULT_STEPS,
     DEPTH_TARGETS,
+    EDIT_METRICS,
     ORDERS,
     PROPERTIES,
     PROTOCOL_NAMES,
@@ -145,6 +146,8 @@ class Intervention:
             raise InterventionError(f"lr must be a positive number, got {spec.lr}", "lr")
         if spec.order not in ORDERS:
             raise InterventionError(f"unknown order {spec.order!r}; use sequential or joint", "order")
+        if spec.metric is not None and spec.metric not in EDIT_METRICS:
+            raise InterventionError(f"unknown metric {spec.metric!r}; use {' or '.join(EDIT_METRICS)}", "metric")
         if spec.protocol not in PROTOCOL_NAMES:
             raise InterventionError(f"unknown protocol {spec.protocol!r}; use ldmprobe or study", "protocol")
         if spec.depth_target is not None and spec.depth_target not in DEPTH_TARGETS:
@@ -217,7 +220,7 @@ class Intervention:
             if k:
                 _, acts = run.predict(patches)
             result = optimise({tgt.layer: acts[tgt.layer][1]}, [tgt], spec.lr, spec.iterations,
-                              compiled=self.compile_optimiser)
+                              compiled=self.compile_optimiser, metric=spec.resolved_metric())
             seconds += result.seconds
             losses[tgt.layer] = {"initial": result.initial_loss[tgt.layer], "final": result.final_loss[tgt.layer]}
             patches[tgt.layer] = result.activations[tgt.layer][None].to(self.sampler.model.dtype)
@@ -256,7 +259,7 @@ class Intervention:
                 targets = self.layer_targets(spec, layers, bank_step, unedited, theta, registry)
                 if spec.order == "joint":
                     result = optimise({la: acts[la][1] for la in layers}, targets, spec.lr, spec.iterations,
-                                      compiled=self.compile_optimiser)
+                                      compiled=self.compile_optimiser, metric=spec.resolved_metric())
                     optimise_s += result.seconds
                     losses[index] = {la: {"initial": result.initial_loss[la], "final": result.final_loss[la]}
                                      for la in layers}
@@ -306,7 +309,7 @@ class Intervention:
             "property": spec.property, "affine": affine, "lr": spec.lr, "iterations": spec.iterations,
             "loss": {la: resolve_loss(self.bank.probe(spec.property, la, bank_steps[steps[0]]), spec.loss)
                      for la in layers},
-            "order": spec.order, "protocol": spec.protocol,
+            "order": spec.order, "protocol": spec.protocol, "metric": spec.resolved_metric(),
             "step_mapping": {"exact": mapping["exact"], "bank_timesteps": mapping["bank_timesteps"],
                              "bank_steps": mapping["bank_steps"]},
             "depth_target": spec.resolved_depth_target() if spec.property == "depth" else None,

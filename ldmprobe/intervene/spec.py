@@ -15,6 +15,8 @@ LossName = Literal["auto", "bce", "mse", "huber"]
 Order = Literal["sequential", "joint"]
 ProtocolName = Literal["ldmprobe", "study"]
 DepthTarget = Literal["warp", "minmax"]
+EditMetric = Literal["euclidean", "activation"]
+EDIT_METRICS = ("euclidean", "activation")
 PROTOCOL_NAMES = ("ldmprobe", "study")
 DEPTH_TARGETS = ("warp", "minmax")
 # The study's depth target (norm_intervention_target, guide_scale 18): the translated depth
@@ -73,11 +75,21 @@ class InterventionSpec:
     # study's): the warped map (uncovered pixels take the edge value) min-max scaled to
     # [-9, 9] in the probe's normalised units. None: "minmax" under the study protocol, else "warp".
     depth_target: DepthTarget | None = None
+    # How the activation moves to reach the probe outputs the Adam loop decides: "euclidean" (the
+    # study's: Adam's own path, along the probe's read-out) or "activation" (the smallest move in
+    # the activations' covariance metric: toward what the image's own object tokens look like).
+    # None: "euclidean" under the study protocol, else "activation".
+    metric: EditMetric | None = None
 
     def resolved_depth_target(self) -> str:
         if self.depth_target is not None:
             return self.depth_target
         return "minmax" if self.protocol == "study" else "warp"
+
+    def resolved_metric(self) -> str:
+        if self.metric is not None:
+            return self.metric
+        return "euclidean" if self.protocol == "study" else "activation"
 
     def pixel_affine(self) -> list[list[float]]:
         return [list(map(float, row)) for row in self.affine] if self.affine is not None else translation(self.dx, self.dy)

@@ -303,6 +303,11 @@ class InterveneRequest(GenerationSettings):
     depth_target: Literal["warp", "minmax"] | None = Field(None, description=(
         "depth only: the warped map as it is (warp) or min-max scaled to [-9, 9] in the probe's normalised units "
         "(minmax, the study's); default: minmax under protocol study, else warp"))
+    metric: Literal["euclidean", "activation"] | None = Field(None, description=(
+        "how each activation moves to the probe outputs the optimiser decides: euclidean (Adam's own path along the "
+        "probe's read-out, the study's) or activation (the smallest move in the activations' covariance metric: "
+        "toward what the image's own object tokens look like); default: euclidean under protocol study, "
+        "else activation"))
 
     @field_validator("affine")
     @classmethod
@@ -345,7 +350,7 @@ class InterveneRequest(GenerationSettings):
         return InterventionSpec(property=self.property, dx=self.dx, dy=self.dy, affine=self.affine, target_mask=mask,
                                 layers=self.layers, edit_steps=self.edit_steps, lr=self.lr, iterations=self.iterations,
                                 loss=self.loss, eval_layer=self.eval_layer, order=self.order,
-                                protocol=self.protocol, depth_target=self.depth_target)
+                                protocol=self.protocol, depth_target=self.depth_target, metric=self.metric)
 
 
 class MaskImage(ImagePayload):

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the study's decoder layers dec2.0-dec4.2)")
     v.add_argument("--protocol", choices=["ldmprobe", "study"], default="ldmprobe",
                    help="whose behaviours the edit takes: ldmprobe or the study's code (default: ldmprobe)")
+    v.add_argument("--label-models", default=None, help="label-model folder whose segmenter also scores each edit "
+                                                        "(default: the shipped scenes label models)")
+    v.add_argument("--metric", choices=["euclidean", "activation"], default=None,
+                   help="how an activation moves to the probe outputs the optimiser decides: euclidean (Adam's own "
+                        "path, the study's) or activation (the smallest move in the activations' covariance metric) "
+                        "(default: euclidean under --protocol study, else activation)")
     v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
     c = sub.add_parser("patching", help="the ceiling of any attn1 edit: patch the layers with the unedited run's "
                                         "own outputs, shifted; how far does the object move?")
@@ -157,6 +163,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
 def _intervene(args) -> dict:
     from ldmprobe.atomic import write_json
     from ldmprobe.generate import Sampler
+    from ldmprobe.label_models import load_label_models
     from ldmprobe.models import SCENES_DIR, load_model
     from ldmprobe.probes import ProbeBank
     from ldmprobe.schemas import GenerationSettings
@@ -177,9 +184,12 @@ def _intervene(args) -> dict:
             sampler.select_layers(layers["layers"])
         except (KeyError, ValueError) as exc:  # an unknown layer name: the message lists the valid ones
             raise UsageError(f"--layers: {str(exc.args[0]).splitlines()[0]}") from exc
-    out = run_interventions(sampler, bank, cases, settings, order=args.order, protocol=args.protocol, **layers)
+    labels = load_label_models(args.label_models)
+    out = run_interventions(sampler, bank, cases, settings, label_model=labels.foreground, order=args.order,
+                            protocol=args.protocol, metric=args.metric, **layers)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
-    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default", "protocol": args.protocol, "cases": len(cases),
+    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default", "protocol": args.protocol, "metric": args.metric or ("euclidean" if args.protocol == "study" else "activation"), "label_models": labels.source,
+              "cases": len(cases),
               "summary": out["summary"], "seconds": out["seconds"]}
     if args.out is not None:
         write_json(args.out / "intervene.json", {**result, "rows": rows})

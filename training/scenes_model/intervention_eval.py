@@ -54,6 +54,11 @@ def summarise(rows: list[dict]) -> dict:
     if labelled:
         out["label_model_dice_better_fraction"] = round(float(np.mean(
             [m["dice_to_target"] > m["dice_baseline"] for m in labelled])), 4)
+        seen = np.array([m["shift_fraction"] for m in labelled if m.get("shift_fraction") is not None], dtype=float)
+        if len(seen):  # the move as the label model (the segmenter, not a probe) sees it in the images
+            out["label_model_shift_fraction_mean"] = round(float(seen.mean()), 4)
+            out["label_model_shift_fraction_median"] = round(float(np.median(seen)), 4)
+            out["label_model_moved_fraction"] = round(float((seen >= MOVED).mean()), 4)
     depth = [r for r in rows if r.get("property") == "depth"]
     if depth:
         out["depth"] = {"n": len(depth), "rmse_better_fraction": round(float(np.mean(
