@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from .optimisation import (  # noqa: F401
         ADAM_EPS,
         BETAS,
-        activation_metric_edit,
         LayerTarget,
         Optimised,
+        activation_metric_edit,
         adam_step,
         compiled_adam_step,
         optimise,
