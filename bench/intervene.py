@@ -51,7 +51,7 @@ def optimisation_case(size: int, seed: int = 0, device: str | torch.device = "cp
     gen = torch.Generator().manual_seed(seed)
     theta = iv.affine_theta(iv.translation(size // 8, 0), size, size)
     acts, targets = {}, []
-    for name in iv.DEFAULT_LAYERS["foreground"]:
+    for name in iv.STUDY_LAYERS["foreground"]:
         spec = registry[name]
         x = torch.randn(spec.height * spec.width, spec.channels, generator=gen)
         probe = Probe("foreground", name, 0, torch.randn(spec.channels, 1, generator=gen) / spec.channels**0.5,

@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dy", type=float, default=0.0, help="shift down by this many pixels (negative: up)")
     i.add_argument("--target-mask", type=Path, default=None,
                    help="PNG target mask, the image's size, foreground only (default: none, the shifted mask)")
-    i.add_argument("--layers", default=None, help="comma-separated layers / groups (default: dec2–dec4 for "
-                                                 "foreground, all for depth)")
+    i.add_argument("--layers", default=None, help="comma-separated layers / groups (default: all 16; "
+                                                 "dec2–dec4 for foreground under --protocol study)")
     i.add_argument("--edit-steps", default=None, help="comma-separated step indices or ranges (default: 0-4, "
                                                      "0-2 for depth)")
     i.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate (the study's)")

@@ -165,7 +165,11 @@ def test_own_target_is_an_exact_no_op_in_the_activation_metric_too():
     assert torch.equal(out.activations["dec4.0"], acts["dec4.0"])
 
 
-def test_metric_defaults_by_protocol():
+def test_metric_and_layers_default_by_protocol():
+    assert iv.InterventionSpec().resolved_layers() == "all"
+    assert iv.InterventionSpec(protocol="study").resolved_layers() == iv.STUDY_LAYERS["foreground"]
+    assert iv.InterventionSpec(protocol="study", property="depth").resolved_layers() == "all"
+    assert iv.InterventionSpec(layers=["dec3.0"]).resolved_layers() == ["dec3.0"]
     assert iv.InterventionSpec().resolved_metric() == "activation"
     assert iv.InterventionSpec(protocol="study").resolved_metric() == "euclidean"
     assert iv.InterventionSpec(protocol="study", metric="activation").resolved_metric() == "activation"
@@ -235,7 +239,7 @@ def test_known_answer_probe_mask_moves_toward_the_target(shifted, runner):
         assert values["rmse_to_target"] < values["rmse_baseline"], layer
     for step, per_layer in shifted.losses.items():
         assert all(v["final"] < v["initial"] for v in per_layer.values()), step
-    assert shifted.layers == list(iv.DEFAULT_LAYERS["foreground"])
+    assert shifted.layers == [spec.name for spec in runner.sampler.model.registry()]  # ldmprobe's default: all 16
     assert shifted.edit_steps == EDIT_STEPS
 
     square = torch.zeros(128, 128)
@@ -281,8 +285,9 @@ def test_zero_shift_leaves_the_image_unchanged(runner, monkeypatch, tiny, order)
     out = runner.run(PROMPT, SEED, iv.InterventionSpec(dx=0, dy=0, edit_steps=EDIT_STEPS, iterations=16, order=order),
                      SETTINGS)
     groups = {(s.height, s.width, s.channels) for s in tiny.registry().select(out.layers)}  # layers stacked by shape
-    loops = len(groups) if order == "joint" else 9
-    assert len(steps_run) == 16 * loops * len(EDIT_STEPS) and sum(steps_run) == 16 * 9 * len(EDIT_STEPS)
+    n = len(out.layers)  # the default: all 16
+    loops = len(groups) if order == "joint" else n
+    assert n == 16 and len(steps_run) == 16 * loops * len(EDIT_STEPS) and sum(steps_run) == 16 * n * len(EDIT_STEPS)
     assert out.metadata["order"] == order
     assert torch.equal(out.edited, out.original)
     assert out.success["latent_change"] == 0.0
@@ -311,7 +316,7 @@ def test_representation_on_a_fresh_forward_pass(shifted):
 @pytest.fixture(scope="module")
 def both_orders(runner):
     """One shift, both orders, one edited step (the study's sequential order is the default)."""
-    spec = {"dx": 32, "edit_steps": [0], "iterations": 32}
+    spec = {"dx": 32, "edit_steps": [0], "iterations": 32, "layers": iv.STUDY_LAYERS["foreground"]}
     return {order: runner.run(PROMPT, SEED, iv.InterventionSpec(**spec, order=order), SETTINGS)
             for order in ("sequential", "joint")}
 
@@ -327,7 +332,7 @@ def test_sequential_layers_see_the_edits_of_the_layers_before_them(both_orders, 
     every later decoder layer reads its predecessors' output, so it starts from a different
     activation (a different initial loss) — and the image and latents differ between orders."""
     seq, joint = both_orders["sequential"], both_orders["joint"]
-    assert seq.layers == joint.layers == list(iv.DEFAULT_LAYERS["foreground"])
+    assert seq.layers == joint.layers == list(iv.STUDY_LAYERS["foreground"])
     first, *later = seq.layers
     torch.testing.assert_close(seq.losses[0][first]["initial"], joint.losses[0][first]["initial"])
     torch.testing.assert_close(seq.losses[0][first]["final"], joint.losses[0][first]["final"])
@@ -350,8 +355,8 @@ def test_sequential_layers_see_the_edits_of_the_layers_before_them(both_orders, 
         return real(self, patches)
 
     monkeypatch.setattr(generate.Denoising, "predict", counting)
-    runner.run(PROMPT, SEED, iv.InterventionSpec(dx=32, edit_steps=[0], iterations=1), SETTINGS)
-    layers = list(iv.DEFAULT_LAYERS["foreground"])
+    runner.run(PROMPT, SEED, iv.InterventionSpec(dx=32, edit_steps=[0], iterations=1, protocol="study"), SETTINGS)
+    layers = list(iv.STUDY_LAYERS["foreground"])  # the study protocol's default: the decoder's nine
     assert calls[:len(layers) + 1] == [(), *[tuple(layers[:k]) for k in range(1, len(layers) + 1)]]
     assert len(calls) == SCENE_BANK_STEPS + len(layers)
 

@@ -69,11 +69,11 @@ def test_intervention_end_to_end(server):
             "latent_change", "representation"} <= set(s)
     rep = s["representation"]
     assert rep["rmse_to_target"] < 0.5 * rep["rmse_baseline"]  # the edited layers' probes read the target
-    assert body["edit_steps"] == [0, 1, 2] and len(body["layers"]) == 9
+    assert body["edit_steps"] == [0, 1, 2] and len(body["layers"]) == 16  # ldmprobe's default: all
     assert set(body["losses"]) == {"0", "1", "2"}
     meta = body["metadata"]
     assert meta["affine"] == [[1, 0, 32], [0, 1, 0]] and meta["iterations"] == 32
-    assert meta["limits"] == {"max_work": MAX_WORK, "work": 32 * 9 * 3}
+    assert meta["limits"] == {"max_work": MAX_WORK, "work": 32 * 16 * 3}
     assert {"denoise", "optimise", "decode", "total", "validate", "encode"} <= set(meta["timings_ms"])
     # the target is the unedited mask moved 32 px to the right
     target = png_array(body["masks"]["target"]["png"]).astype(float)

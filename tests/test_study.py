@@ -69,7 +69,7 @@ def test_reduced_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     assert intervene["sequential"]["summary"]["n"] == 4 and intervene["joint"]["summary"]["n"] == 2
     assert intervene["activation"]["summary"]["n"] == 4 and intervene["activation"]["metric"] == "activation"
     assert intervene["sequential"]["metric"] == "euclidean"  # the study's edit
-    assert "| sequential | activation |" in report
+    assert "| sequential | activation | all |" in report and "| sequential | euclidean | study |" in report
     reports = json.loads((out / "stages" / "reports.json").read_text())["result"]
     for mode in ("generated", "noised"):
         props = reports[mode]["properties"]

@@ -222,11 +222,12 @@ def _save(fig, path: Path) -> Path:
 
 
 # --- stage 6: intervention -------------------------------------------------------------------------------
-# name → (order, metric, shifts): the study's edit (sequential, Adam's own path), the joint order, and
-# ours (the smallest move in the activations' covariance metric, `ldmprobe.intervene.activation_metric_edit`)
-INTERVENTION_RUNS = {"sequential": ("sequential", "euclidean", [16, -16, 24, -24]),
-                     "joint": ("joint", "euclidean", [24, -24]),
-                     "activation": ("sequential", "activation", [16, -16, 24, -24])}
+# name → (order, metric, layers, shifts): the study's edit (sequential, Adam's own path, the decoder's nine
+# layers), the same in the joint order, and ldmprobe's (all 16 layers, the smallest move in the
+# activations' covariance metric, `ldmprobe.intervene.activation_metric_edit`)
+INTERVENTION_RUNS = {"sequential": ("sequential", "euclidean", "study", [16, -16, 24, -24]),
+                     "joint": ("joint", "euclidean", "study", [24, -24]),
+                     "activation": ("sequential", "activation", "all", [16, -16, 24, -24])}
 
 
 def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
@@ -234,6 +235,7 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     order on ±24, and the activation-metric edit; depth edits at dx 24 on a quarter of them (the study's
     edit); scored by the probe and by the label models."""
     from ldmprobe.generate import Sampler
+    from ldmprobe.intervene import STUDY_LAYERS
     from ldmprobe.label_models import load_label_models
     from ldmprobe.models import load_model
     from ldmprobe.probes import ProbeBank
@@ -252,19 +254,21 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     # the study's edited steps (0-4; depth 0-2) unless a short schedule has fewer
     edit = {} if args.steps >= 5 else {"edit_steps": list(range(args.steps))}
     keep: dict[str, Any] = {}
-    for name, (order, metric, shifts) in INTERVENTION_RUNS.items():
+    for name, (order, metric, layers, shifts) in INTERVENTION_RUNS.items():
         cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": float(dx)} for r in items for dx in shifts]
+        chosen = STUDY_LAYERS["foreground"] if layers == "study" else layers
         res = run_interventions(sampler, bank, cases, settings, label_model=labels.foreground,
-                                progress=not args.no_progress, order=order, metric=metric, iterations=args.iterations,
-                                **edit)
-        out[name] = {"order": order, "metric": metric, "summary": res["summary"], "seconds": res["seconds"],
+                                progress=not args.no_progress, order=order, metric=metric, layers=chosen,
+                                iterations=args.iterations, **edit)
+        out[name] = {"order": order, "metric": metric, "layers": layers, "summary": res["summary"],
+                     "seconds": res["seconds"],
                       "by_shift": {str(dx): _summary_of([r for r in res["rows"] if r["dx"] == dx]) for dx in shifts},
                       "rows": [{k: v for k, v in r.items() if k != "_result"} for r in res["rows"]]}
         keep[name] = res["rows"]
     depth_cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": 24.0, "property": "depth"}
                    for r in items[:max(1, len(items) // 4)]]
     depth = run_interventions(sampler, bank, depth_cases, settings, label_model=labels.depth,
-                              progress=not args.no_progress, order="sequential", metric="euclidean",
+                              progress=not args.no_progress, order="sequential", metric="euclidean", layers="all",
                               iterations=args.iterations,
                               **({} if args.steps >= 3 else edit))
     out["depth"] = {"summary": depth["summary"], "seconds": depth["seconds"],
@@ -394,13 +398,15 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
         lines += ["## Intervention", "", f"{iv['captions']} test captions, the generated-mode bank.", "",
                   "Shift fractions as the evaluation probe reads the final image and (label model) as the segmenter "
                   "sees it. Metric: euclidean = Adam's own path along the probe's read-out (the study's); activation "
-                  "= the same probe outputs reached by the smallest move in the activations' covariance metric.", "",
-                  "| order | metric | shift | n | mean shift fraction (probe) | (label model) | moved (≥ 0.5) | "
-                  "Dice to target > baseline (probe) | (label model) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "= the same probe outputs reached by the smallest move in the activations' covariance metric. "
+                  "Layers: study = the decoder's nine (dec2.0-dec4.2), all = the 16.", "",
+                  "| order | metric | layers | shift | n | mean shift fraction (probe) | (label model) | moved (≥ 0.5) | "
+                  "Dice to target > baseline (probe) | (label model) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name in (n for n in INTERVENTION_RUNS if n in iv):
             run = iv[name]
             for dx, s in run["by_shift"].items():
-                lines.append(f"| {run.get('order', name)} | {run.get('metric', 'euclidean')} | {dx} | {s.get('n')} | "
+                lines.append(f"| {run.get('order', name)} | {run.get('metric', 'euclidean')} | "
+                             f"{run.get('layers', 'study')} | {dx} | {s.get('n')} | "
                              f"{_fmt(s.get('shift_fraction_mean'))} | {_fmt(s.get('label_model_shift_fraction_mean'))} | "
                              f"{_fmt(s.get('moved_fraction'))} | {_fmt(s.get('dice_better_fraction'))} | "
                              f"{_fmt(s.get('label_model_dice_better_fraction'))} |")

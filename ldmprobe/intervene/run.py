@@ -51,7 +51,6 @@ from ..schemas import GenerationSettings
 from .measures import measure, representation_success
 from .optimisation import LayerTarget, optimise, raw_output, resolve_loss, to_raw, to_units
 from .spec import (
-    DEFAULT_LAYERS,
     DEFAULT_STEPS,
     DEPTH_TARGETS,
     EDIT_METRICS,
@@ -118,7 +117,7 @@ class Intervention:
             raise InterventionError(f"the probe bank has no {prop!r} probes; it holds {bank.describe()}", "property")
         if spec.target_mask is not None and prop != "foreground":
             raise InterventionError("target_mask is for the foreground property only", "target_mask")
-        selection = DEFAULT_LAYERS[prop] if spec.layers is None else spec.layers
+        selection = spec.resolved_layers()
         try:
             layers = list(self.sampler.select_layers(selection))
         except (KeyError, ValueError) as exc:

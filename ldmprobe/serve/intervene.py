@@ -2,7 +2,7 @@
 
 An intervention is an optimisation loop inside a generation, so the work is bounded before
 anything runs: steps ≤ max_steps, sides ≤ max_side, and iterations × edited layers × edited
-steps ≤ max_work (the study's defaults are 128 × 9 × 5 = 5760). Requests of one TorchServe
+steps ≤ max_work (the study's defaults are 128 × 9 × 5 = 5760, ldmprobe's 128 × 16 × 5 = 10240). Requests of one TorchServe
 batch run one after the other (`batches = False`): each already runs its own unedited twin in
 the same batch, and two interventions would not share their optimisation anyway.
 """

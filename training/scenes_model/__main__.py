@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: sequential)")
     v.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5, the study's)")
     v.add_argument("--layers", default=None, help="edited layers: all, groups (dec3) or names, comma-separated "
-                                                  "(default: the study's decoder layers dec2.0-dec4.2)")
+                                                  "(default: all 16; the study's decoder layers dec2.0-dec4.2 under "
+                                                  "--protocol study)")
     v.add_argument("--protocol", choices=["ldmprobe", "study"], default="ldmprobe",
                    help="whose behaviours the edit takes: ldmprobe or the study's code (default: ldmprobe)")
     v.add_argument("--label-models", default=None, help="label-model folder whose segmenter also scores each edit "
