@@ -62,7 +62,12 @@ class DenseLabelNet(nn.Module):
     1/2 … 1/16 of the input), and a light full-resolution refinement (upsampled features + the image)
     restores sharp object edges at the cost of one 3×3 conv at full size."""
 
-    def __init__(self, widths=(16, 32, 48, 64), refine: int = 8):
+    def __init__(self, widths=(16, 32, 48, 64), refine: int = 8, global_context: bool = False):
+        """global_context: add an image-level vector (global average pool → MLP, ParseNet's global
+        context) to the bottleneck features, so a quantity constant over the image (the floor's
+        shading, set by the light's elevation) is read from the whole image, not from each pixel's
+        receptive field. Its last layer starts at zero: adding it to trained weights changes nothing
+        until it is trained."""
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) < 2:
@@ -76,6 +81,12 @@ class DenseLabelNet(nn.Module):
         self.refine = nn.Sequential(nn.Conv2d(widths[0] + 3, refine, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(refine), nn.ReLU(inplace=True))
         self.head = nn.Conv2d(refine, len(DENSE_CHANNELS), 1)
+        self.context = None
+        if global_context:
+            self.context = nn.Sequential(nn.Linear(widths[-1], widths[-1]), nn.ReLU(inplace=True),
+                                         nn.Linear(widths[-1], widths[-1]))
+            nn.init.zeros_(self.context[2].weight)
+            nn.init.zeros_(self.context[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [0, 1] (H, W multiples of 2**len(widths)) → [N, 3, H, W] raw outputs."""
@@ -86,6 +97,8 @@ class DenseLabelNet(nn.Module):
                 h = F.max_pool2d(h, 2)
             h = block(h)
             skips.append(h)
+        if self.context is not None:
+            skips[-1] = h = h + self.context(h.mean((2, 3)))[:, :, None, None]
         for i in reversed(range(len(self.dec))):
             h = F.interpolate(h, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
             h = self.dec[i](torch.cat([h, skips[i]], 1))
@@ -228,7 +241,10 @@ class LabelModels:
                           for x in self._inputs(images)]).float().cpu()
 
 
-def _load_weights(module: nn.Module, path: Path) -> None:
+def _load_weights(module: nn.Module, path: Path, may_lack: str | None = None) -> None:
+    """may_lack: a prefix of parameters the file may lack (a module added for fine-tuning whose
+    initial weights leave the function unchanged, e.g. DenseLabelNet's zero-initialised `context.`);
+    they keep their fresh values."""
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -238,14 +254,14 @@ def _load_weights(module: nn.Module, path: Path) -> None:
     except Exception as exc:
         raise LabelModelError(f"label models: unreadable weight file {path} ({type(exc).__name__}: {exc})") from exc
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(k for k in set(expected) - set(state) if not (may_lack and k.startswith(may_lack)))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
         raise LabelModelError(
             f"label models: {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"wrong shape {wrong[:3]} ({len(missing)}/{len(unexpected)}/{len(wrong)})")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=not may_lack)
 
 
 def build_modules(config: dict) -> tuple[nn.Module, nn.Module]:

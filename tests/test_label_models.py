@@ -266,6 +266,43 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
                 assert k == k2 and torch.allclose(v.float(), v2.float(), atol=1e-3), k
 
 
+def test_global_context_starts_as_a_no_op_and_then_reads_the_whole_image():
+    """DenseLabelNet(global_context=True) loaded with the weights of one without it computes the same
+    function (its MLP's last layer is zero); once that layer is not zero, a change at one corner of the
+    image reaches the opposite corner's outputs, beyond the trunk's receptive field."""
+    from ldmprobe.label_models import DenseLabelNet
+
+    torch.manual_seed(0)
+    plain, ctx = DenseLabelNet(widths=(8, 8, 8)).eval(), DenseLabelNet(widths=(8, 8, 8), global_context=True).eval()
+    ctx.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(ctx(x), plain(x))
+        torch.nn.init.normal_(ctx.context[0].weight, std=100.0)  # fresh batch norms leave tiny features
+        torch.nn.init.normal_(ctx.context[2].weight)
+        y = x.clone()
+        y[:, :, :16, :16] = 1 - y[:, :, :16, :16]
+        far = (slice(None), slice(None), slice(-16, None), slice(-16, None))
+        assert torch.equal(plain(x)[far], plain(y)[far])  # out of the plain trunk's reach
+        assert (ctx(x)[far] - ctx(y)[far]).abs().max() > 0  # the same trunk: only the context carries it
+
+
+def test_fine_tuning_may_add_global_context(tmp_path):
+    """--init-from a model without global context + --dense-global-context: the run starts from those
+    weights (the new part at zero), its config says so, and the folder loads with it."""
+    from ldmprobe.label_models import SCENES_LABELS_DIR as shipped_dir
+
+    out = tmp_path / "ctx"
+    assert main(["--out", str(out), "--init-from", str(shipped_dir), "--classifier-from", str(shipped_dir),
+                 "--dense-global-context", "--scenes", "8", "--eval-scenes", "2", "--dense-steps", "1", "--batch", "4",
+                 "--lr", "0", "--classifier-size", str(load_label_models().config["classifier"].get("input_size", 96)),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["dense"]["global_context"] is True
+    loaded = load_label_models(out)
+    assert loaded.modules["dense"].context is not None
+    assert float(loaded.modules["dense"].context[2].weight.abs().max()) == 0.0  # lr 0: still the no-op start
+
+
 def test_training_job_smoke(tmp_path, capsys):
     out = tmp_path / "labels"
     argv = ["--out", str(out), "--scenes", "12", "--eval-scenes", "4", "--dense-steps", "2", "--classifier-steps", "2",

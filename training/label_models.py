@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate, cosine decay (default: 3e-3)")
     p.add_argument("--dense-widths", type=_widths, default=(16, 32, 48, 64),
                    help="DenseLabelNet widths per level (default: 16,32,48,64)")
+    p.add_argument("--dense-global-context", action="store_true",
+                   help="DenseLabelNet adds an image-level vector (global pool → MLP) to its bottleneck; with "
+                        "--init-from a model without it, the new part starts at zero (default: off)")
     p.add_argument("--vgg-widths", type=_widths, default=(8, 16, 32, 64, 64),
                    help="classifier stage widths, VGG-16's five (default: 8,16,32,64,64)")
     p.add_argument("--vgg-hidden", type=int, default=128, help="classifier head width (default: 128)")
@@ -440,8 +443,8 @@ def _load_starting_weights(p, args, config: dict, dense, classifier) -> dict:
     from ldmprobe.label_models import _load_weights
 
     def load(module, path: Path, flag: str) -> None:
-        try:
-            _load_weights(module, path)
+        try:  # a dense model gaining global context (zero-initialised) fine-tunes from one without
+            _load_weights(module, path, may_lack="context." if flag == "--init-from" else None)
         except Exception as exc:  # a shape mismatch: the architecture options differ from its config
             p.error(f"{flag}: {path.parent}: {str(exc).splitlines()[0]}")
 
@@ -503,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
 
     names = class_names(MODEL_COLORS, KINDS)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "size": size, "class_names": names,
-              "dense": {"widths": list(args.dense_widths)},
+              "dense": {"widths": list(args.dense_widths)} | ({"global_context": True} if args.dense_global_context
+                                                              else {}),
               "classifier": {"widths": list(args.vgg_widths), "hidden": args.vgg_hidden,
                              "head_kernel": args.vgg_head_kernel, "input_size": args.classifier_size},
               "dense_channels": ["foreground logit", "log inverse depth + c", "shading logit"],
@@ -560,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{list(args.dense_widths)} at 1/2…1/{2 ** len(args.dense_widths)} resolution (2 × conv3×3-BN-ReLU "
                      "per level, max-pool down, bilinear up + skip), a full-resolution refinement conv over the "
                      "upsampled features and the image, a 1×1 head of 3 channels (foreground logit, log inverse "
-                     "depth up to a constant, shading logit); input 128×128",
+                     "depth up to a constant, shading logit); input 128×128"
+                     + ("; global context: the bottleneck's global average → Linear-ReLU-Linear, added to every "
+                        "bottleneck position (ParseNet)" if args.dense_global_context else ""),
             "classifier": f"VGG-16's layout (13 conv3×3 in stages of 2, 2, 3, 3, 3, max-pool after each) with "
                           f"batch norm, stage widths {list(args.vgg_widths)} (VGG-16: 64, 128, 256, 512, 512), "
                           f"built by timm's VGG with a custom cfg; timm's 4096-wide 7×7 fc6 head replaced by its "
