@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from training.scenes import MODEL_SCENES, render_scene
@@ -327,4 +328,6 @@ def test_activation_metric_intervention_moves_the_object_on_the_shipped_model(tm
     assert seen["activation"]["label_model_shift_fraction_mean"] > seen["euclidean"]["label_model_shift_fraction_mean"] + 0.2
     assert seen["activation"]["dice_better_fraction"] == 1.0
     rows = json.loads((tmp_path / "activation" / "intervene.json").read_text())["rows"]
+    with Image.open(tmp_path / "activation" / "intervene.png") as im:
+        assert im.format == "PNG" and im.width > 300
     assert [r["dx"] for r in rows] == [24.0, -24.0, 24.0, -24.0]

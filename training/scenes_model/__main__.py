@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how an activation moves to the probe outputs the optimiser decides: euclidean (Adam's own "
                         "path, the study's) or activation (the smallest move in the activations' covariance metric) "
                         "(default: euclidean under --protocol study, else activation)")
-    v.add_argument("--out", type=Path, default=None, help="folder for intervene.json (default: none)")
+    v.add_argument("--out", type=Path, default=None,
+                   help="folder for intervene.json and intervene.png (8 cases evenly spaced through the run) "
+                        "(default: none)")
     c = sub.add_parser("patching", help="the ceiling of any attn1 edit: patch the layers with the unedited run's "
                                         "own outputs, shifted; how far does the object move?")
     c.add_argument("--model", default="scenes", help="model (default: scenes)")
@@ -170,7 +172,7 @@ def _intervene(args) -> dict:
     from ldmprobe.schemas import GenerationSettings
 
     from .data import HELD_OUT_SEED_OFFSET, held_out_captions
-    from .intervention_eval import run_interventions
+    from .intervention_eval import intervention_grid, run_interventions
 
     model = load_model(args.model)
     bank = ProbeBank.load(args.bank or SCENES_DIR / "bank.safetensors", model)
@@ -194,6 +196,7 @@ def _intervene(args) -> dict:
               "summary": out["summary"], "seconds": out["seconds"]}
     if args.out is not None:
         write_json(args.out / "intervene.json", {**result, "rows": rows})
+        intervention_grid(out["rows"], args.out / "intervene.png")
     return result
 
 

@@ -64,3 +64,36 @@ def summarise(rows: list[dict]) -> dict:
         out["depth"] = {"n": len(depth), "rmse_better_fraction": round(float(np.mean(
             [r["rmse_to_target"] < r["rmse_baseline"] for r in depth])), 4)}
     return out
+
+
+def intervention_grid(rows: list[dict], path, columns: int = 8) -> None:
+    """`columns` cases evenly spaced through the run (not picked by outcome; the held-out captions
+    come grouped by colour): unedited image above, edited below, the target mask outlined in yellow
+    and the segmenter's (else the probe's) shift fraction in the title. Written atomically as PNG."""
+    from matplotlib.figure import Figure
+
+    from ldmprobe.atomic import atomic_path
+
+    done = [r for r in rows if "_result" in r]
+    shown = [done[i] for i in sorted({round(k * (len(done) - 1) / max(1, columns - 1)) for k in range(columns)})
+             ] if done else []
+    if not shown:
+        raise ValueError("no intervention results to draw")
+    fig = Figure(figsize=(1.8 * len(shown), 4.0), dpi=100, layout="constrained")
+    axes = fig.subplots(2, len(shown), squeeze=False)
+    for col, row in enumerate(shown):
+        result = row["_result"]
+        seen = (row.get("label_model") or {}).get("shift_fraction")
+        fraction = seen if seen is not None else row.get("shift_fraction")
+        axes[0][col].imshow(result.original.permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[0][col].set_title(f"{row['prompt'].removeprefix('a ').split(' on ')[0]}\ndx {row['dx']:+g}", fontsize=7)
+        axes[1][col].imshow(result.edited.permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[1][col].contour(result.target_map.numpy(), levels=[0.5], colors="yellow", linewidths=0.8)
+        axes[1][col].set_title("moved " + ("–" if fraction is None else f"{fraction:.2f}"), fontsize=7)
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_ylabel("unedited", fontsize=8)
+    axes[1][0].set_ylabel("edited (yellow: target)", fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
