@@ -312,9 +312,10 @@ def test_shipped_tokenizer_gives_the_training_job_ids():
 
 @pytest.mark.slow
 def test_activation_metric_intervention_moves_the_object_on_the_shipped_model(tmp_path, capsys):
-    """`scenes_model intervene` on 4 held-out captions, dx ±24, guidance 7.5: the default edit (the
-    activation metric) moves the object as the segmenter sees it in the images (runs/iv-activation-g7.5:
-    0.54 mean on these 4, 0.53 on 16), the study's Euclidean edit far less (0.10 on these 4, 0.14 on 16)."""
+    """`scenes_model intervene` on 4 held-out captions, dx ±24, guidance 7.5, ldmprobe's layers (all 16):
+    the default edit (the activation metric) moves the object as the segmenter sees it in the images
+    (runs/iv32-default-g7.5: 0.94 mean on these 4, 0.505 on 32), the study's Euclidean edit of the same
+    layers far less (runs/iv32-euclid-all-g7.5: 0.10 on these 4, 0.06 on 32)."""
     from training.scenes_model.__main__ import main
 
     seen = {}
@@ -324,7 +325,7 @@ def test_activation_metric_intervention_moves_the_object_on_the_shipped_model(tm
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert line["metric"] == metric and line["summary"]["n_measured"] == 4
         seen[metric] = line["summary"]
-    assert seen["activation"]["label_model_shift_fraction_mean"] >= 0.35, seen
+    assert seen["activation"]["label_model_shift_fraction_mean"] >= 0.5, seen
     assert seen["activation"]["label_model_shift_fraction_mean"] > seen["euclidean"]["label_model_shift_fraction_mean"] + 0.2
     assert seen["activation"]["dice_better_fraction"] == 1.0
     rows = json.loads((tmp_path / "activation" / "intervene.json").read_text())["rows"]

@@ -335,3 +335,32 @@ def test_protocol_field_in_process(service):
     assert study.body["metadata"]["step_mapping"]["exact"] is True
     assert fewer.status == 400 and fewer.body["field"] == "steps", fewer.body
     assert bad.status == 400 and bad.body["field"] == "depth_target"
+
+
+def test_metric_field_in_process(service):
+    """`metric` reaches the run (activation by default, euclidean under the study protocol or when
+    asked) and its metadata; the two edits give other images; a bad value is a 400 naming `metric`."""
+    small = BASE | {"iterations": 4, "edit_steps": [0]}
+    default, euclid, study, bad = service.handle([small, small | {"metric": "euclidean"},
+                                                  small | {"protocol": "study"}, small | {"metric": "cosine"}])
+    assert (default.status, euclid.status, study.status) == (200, 200, 200)
+    assert default.body["metadata"]["metric"] == "activation" and euclid.body["metadata"]["metric"] == "euclidean"
+    assert study.body["metadata"]["metric"] == "euclidean" and len(study.body["layers"]) == 9  # the study's decoder
+    assert len(default.body["layers"]) == 16
+    assert default.body["images"]["edited"]["png"] != euclid.body["images"]["edited"]["png"]
+    assert bad.status == 400 and (bad.body["error"], bad.body["field"]) == ("invalid_request", "metric")
+
+
+def test_label_models_score_the_intervention_in_process(tiny, scene_bank):
+    """With `label_models: scenes` the answer's success carries the segmenter's own reading: Dice to the
+    target vs the unedited image's, and the shift it sees."""
+    from ldmprobe.probes import ProbeBank
+    from ldmprobe.serve.intervene import InterveneService
+
+    svc = InterveneService(tiny, ProbeBank.load(scene_bank, tiny), compile=False, max_work=MAX_WORK,
+                           label_models="scenes")
+    out = svc.handle([BASE | {"iterations": 2, "edit_steps": [0]}])[0]
+    assert out.status == 200, out.body
+    seen = out.body["success"]["label_model"]
+    assert set(seen) == {"dice_to_target", "dice_baseline", "shift_achieved_px", "shift_fraction"}
+    assert 0.0 <= seen["dice_baseline"] <= 1.0
