@@ -22,6 +22,11 @@ Choices that differ from the reference code, and why:
   every layer follows exactly the trajectory of its own one-layer loop (`optimise_reference`).
   The two differ wherever a layer reads the output of an earlier edited one; with one edited
   layer they are the same computation.
+- How the activation reaches the probe outputs the Adam loop decides (`spec.metric`): the study's
+  Euclidean path (Adam's own: each channel by the same amount along sign(w)) or, by default, the
+  smallest move in the activations' own covariance metric (`activation_metric_edit`: toward what the
+  image's object tokens look like); and all 16 layers by default (the study: the decoder's nine).
+  On the scenes model the two together move the object 0.71 of the request vs the study's 0.05.
 - Losses live in the probe's raw output space: binary cross-entropy on logits for sigmoid mask
   probes (the study's choice), squared error for mask probes fitted by regression (the ridge
   banks of `training/`: the loss they were fitted with), Huber for continuous maps (depth).
