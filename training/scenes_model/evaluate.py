@@ -20,6 +20,7 @@ from .data import HELD_OUT_SEED_OFFSET, held_out_captions, held_out_scenes
 
 MIN_COMPONENT = 0.01  # a connected region counts as an object from 1 % of the image
 PRESENT = 0.02  # a colour is present when 2 % of the pixels have it
+OBJECT_SHARE = 0.1  # object colour: the named colour covers at least 10 % of the object's pixels
 HUE_TOL, SAT_TOL, MIN_SAT, MIN_VALUE = 15.0, 0.25, 0.35, 0.15
 
 
@@ -51,11 +52,16 @@ def judge(images: torch.Tensor, captions: list[dict], label_models=None) -> dict
     colour: the named colour is the object colour covering most of the image, and >= 2 % of it (palette
     rule; `colour_present` counts mere presence, which random colour noise also passes); count: the object colours form
     exactly one region of >= 1 % (connected components); kind: the scenes classifier's kind, marginalised
-    over colours, when label models are given (else not measured)."""
+    over colours, when label models are given (else not measured). With label models also
+    `object_colour`: the same palette rule on the object's own pixels (the segmenter's P > 0.5, at
+    least 1 % of the image) — the named colour is the most common object colour there and covers
+    >= 10 % of them — so a floor drawn more saturated than the palette's brown (which the whole-image
+    rule then counts as orange) does not decide the object's colour."""
     from scipy import ndimage
 
-    kinds_pred = None
+    kinds_pred = objects = None
     if label_models is not None:
+        objects = (label_models.foreground(images) > 0.5).numpy()
         names = label_models.class_names
         probs = label_models.classify(images).softmax(-1)
         kinds = sorted({n.split()[1] for n in names})
@@ -76,11 +82,19 @@ def judge(images: torch.Tensor, captions: list[dict], label_models=None) -> dict
                "count_ok": count == 1}
         if kinds_pred is not None:
             row |= {"kind": kinds_pred[i], "kind_ok": kinds_pred[i] == cap["kind"]}
+        if objects is not None:
+            obj = objects[i]
+            inside = {c: float((m & obj).sum()) / max(1.0, float(obj.sum())) for c, m in masks.items()}
+            row |= {"object_fraction": round(float(obj.mean()), 4), "object_colour": max(inside, key=inside.get),
+                    "object_colour_ok": bool(obj.mean() >= MIN_COMPONENT and inside[cap["colour"]] >= OBJECT_SHARE
+                                             and max(inside, key=inside.get) == cap["colour"])}
         rows.append(row)
     out = {"colour_adherence": round(float(np.mean([r["colour_ok"] for r in rows])), 4),
            "colour_present": round(float(np.mean([r["colour_present"] for r in rows])), 4),
            "kind_adherence": round(float(np.mean([r["kind_ok"] for r in rows])), 4) if kinds_pred else None,
            "count_adherence": round(float(np.mean([r["count_ok"] for r in rows])), 4), "rows": rows}
+    if objects is not None:
+        out["object_colour_adherence"] = round(float(np.mean([r["object_colour_ok"] for r in rows])), 4)
     return out
 
 

@@ -1,0 +1,74 @@
+"""training.scenes_model.evaluate: the adherence judges on renders (known answers), the object-region
+colour rule against a floor drawn in an object's hue, and the command's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.scenes_model.data import held_out_captions, held_out_scenes
+from training.scenes_model.evaluate import judge
+
+
+@pytest.fixture(scope="module")
+def renders():
+    scenes = held_out_scenes(16)  # the held-out captions come by colour: red, then green
+    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in scenes])
+    masks = np.stack([s.mask for s in scenes])
+    return images, masks, held_out_captions()[:16]
+
+
+@pytest.fixture(scope="module")
+def labels():
+    from ldmprobe.label_models import load_label_models
+
+    return load_label_models()
+
+
+def test_renders_pass_every_judge(renders, labels):
+    images, _, captions = renders
+    out = judge(images, captions, labels)
+    assert out["colour_adherence"] == out["object_colour_adherence"] == out["count_adherence"] == 1.0
+    assert out["kind_adherence"] >= 0.875 and len(out["rows"]) == 16
+    assert all(r["object_fraction"] >= 0.01 for r in out["rows"])
+
+
+def test_a_floor_in_an_object_hue_fools_the_image_rule_not_the_object_rule(renders, labels):
+    """The background repainted a saturated brown (hue 28°, saturation 0.8: as the model draws some brown
+    floors; the palette's brown has saturation 0.6): the whole-image rule calls the image orange; the
+    object's own pixels still carry the caption's colour. Repainting the object orange fails both."""
+    images, masks, captions = renders
+    i = min((k for k, c in enumerate(captions) if c["colour"] not in ("orange", "red", "yellow")),
+            key=lambda k: masks[k].mean())  # the smallest object: the floor outweighs it
+    assert masks[i].mean() < 0.4
+    orange = torch.tensor([0.95, 0.50, 0.10])[:, None, None]
+    floor = images[i:i + 1].clone()
+    background = torch.from_numpy(~masks[i].astype(bool))
+    brown = torch.tensor([0.50, 0.287, 0.10])[:, None, None]
+    floor[0][:, background] = brown.expand(3, 128, 128)[:, background]
+    row = judge(floor, captions[i:i + 1], labels)["rows"][0]
+    assert row["dominant_colour"] == "orange" and not row["colour_ok"]
+    assert row["object_colour"] == captions[i]["colour"] and row["object_colour_ok"]
+    obj = images[i:i + 1].clone()
+    obj[0][:, ~background] = (orange * 0.8).expand(3, 128, 128)[:, ~background]
+    row = judge(obj, captions[i:i + 1], labels)["rows"][0]
+    assert not row["colour_ok"] and not row["object_colour_ok"] and row["object_colour"] == "orange"
+
+
+@pytest.mark.slow
+def test_evaluate_prints_one_line_and_writes_the_grid(tmp_path, capsys):
+    from training.scenes_model.__main__ import main
+
+    assert main(["evaluate", "--model", "scenes", "--contrast", "none", "--captions", "2", "--steps", "3",
+                 "--guidance", "2", "--out", str(tmp_path)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["captions"] == 2 and line["renders"]["colour_adherence"] == 1.0
+    assert set(line["model"]) >= {"colour_adherence", "object_colour_adherence", "kind_adherence", "count_adherence"}
+    saved = json.loads((tmp_path / "evaluate.json").read_text())
+    assert len(saved["model_rows"]) == 2
+    with Image.open(tmp_path / "samples.png") as im:
+        assert im.format == "PNG"
