@@ -230,6 +230,10 @@ INTERVENTION_RUNS = {"sequential": ("sequential", "euclidean", "study", [16, -16
                      "activation": ("sequential", "activation", "all", [16, -16, 24, -24])}
 
 
+HISTOGRAM_LABELS = {"sequential": "the study's edit, sequential", "joint": "the study's edit, joint",
+                    "activation": "ldmprobe's edit (activation metric, all 16 layers)"}
+
+
 def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
     """Each test caption edited at dx ∈ ±16, ±24 px: the study's edit (sequential, Euclidean), the joint
     order on ±24, and the activation-metric edit; depth edits at dx 24 on a quarter of them (the study's
@@ -290,9 +294,9 @@ def _histogram(rows: dict[str, list[dict]], path: Path) -> Path:
     fig = Figure(figsize=(6.5, 3.4), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     bins = np.linspace(-1, 2, 31)
-    for order, rs in rows.items():
+    for name, rs in rows.items():
         values = [r["shift_fraction"] for r in rs if r["shift_fraction"] is not None]
-        ax.hist(np.clip(values, -1, 2), bins=bins, alpha=0.6, label=f"{order} (n={len(values)})")
+        ax.hist(np.clip(values, -1, 2), bins=bins, alpha=0.6, label=f"{HISTOGRAM_LABELS.get(name, name)} (n={len(values)})")
     ax.axvline(0.5, color="grey", lw=0.8, ls="--", label="moved (≥ 0.5)")
     ax.set(xlabel="shift fraction (achieved / requested centroid shift)", ylabel="interventions",
            title="Intervention: how far the object moved")
