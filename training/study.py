@@ -266,8 +266,8 @@ def intervene(args, prompts: dict[str, Any]) -> dict[str, Any]:
                                 iterations=args.iterations, **edit)
         out[name] = {"order": order, "metric": metric, "layers": layers, "summary": res["summary"],
                      "seconds": res["seconds"],
-                      "by_shift": {str(dx): _summary_of([r for r in res["rows"] if r["dx"] == dx]) for dx in shifts},
-                      "rows": [{k: v for k, v in r.items() if k != "_result"} for r in res["rows"]]}
+                     "by_shift": {str(dx): _summary_of([r for r in res["rows"] if r["dx"] == dx]) for dx in shifts},
+                     "rows": [{k: v for k, v in r.items() if k != "_result"} for r in res["rows"]]}
         keep[name] = res["rows"]
     depth_cases = [{"prompt": r["prompts"], "seed": int(r["seeds"]), "dx": 24.0, "property": "depth"}
                    for r in items[:max(1, len(items) // 4)]]
@@ -296,7 +296,8 @@ def _histogram(rows: dict[str, list[dict]], path: Path) -> Path:
     bins = np.linspace(-1, 2, 31)
     for name, rs in rows.items():
         values = [r["shift_fraction"] for r in rs if r["shift_fraction"] is not None]
-        ax.hist(np.clip(values, -1, 2), bins=bins, alpha=0.6, label=f"{HISTOGRAM_LABELS.get(name, name)} (n={len(values)})")
+        ax.hist(np.clip(values, -1, 2), bins=bins, alpha=0.6,
+                label=f"{HISTOGRAM_LABELS.get(name, name)} (n={len(values)})")
     ax.axvline(0.5, color="grey", lw=0.8, ls="--", label="moved (≥ 0.5)")
     ax.set(xlabel="shift fraction (achieved / requested centroid shift)", ylabel="interventions",
            title="Intervention: how far the object moved")

@@ -191,8 +191,9 @@ def _intervene(args) -> dict:
     out = run_interventions(sampler, bank, cases, settings, label_model=labels.foreground, order=args.order,
                             protocol=args.protocol, metric=args.metric, **layers)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
-    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default", "protocol": args.protocol, "metric": args.metric or ("euclidean" if args.protocol == "study" else "activation"), "label_models": labels.source,
-              "cases": len(cases),
+    metric = args.metric or ("euclidean" if args.protocol == "study" else "activation")
+    result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default",
+              "protocol": args.protocol, "metric": metric, "label_models": labels.source, "cases": len(cases),
               "summary": out["summary"], "seconds": out["seconds"]}
     if args.out is not None:
         write_json(args.out / "intervene.json", {**result, "rows": rows})
