@@ -8,7 +8,7 @@
     exact Adam with factored moments (eager), and the same step under torch.compile. Goal:
     ≥ 3× faster than the reference at equal final loss (the max relative difference of the
     final losses is reported).
-(b) A whole intervention on the built-in tiny model (default spec: 9 layers × steps 0–4 × 128
+(b) A whole intervention on the built-in tiny model (the study's 9 decoder layers × steps 0–4 × 128
     iterations, dx = --dx) vs one plain generation of the same prompt, and what it achieved:
     Dice to the target for the edited vs the unedited image (final-step evaluation probe) and
     for the edited layers' own probes. The bank: --bank, else a small one fitted on rendered
@@ -118,7 +118,7 @@ def fitted_bank(model, steps: int, path: str | None) -> tuple[Path, str]:
 
 def bench_end_to_end(steps: int, dx: float, bank_path: str | None, compile: bool) -> dict:
     from ldmprobe.generate import Sampler
-    from ldmprobe.intervene import Intervention, InterventionSpec
+    from ldmprobe.intervene import STUDY_LAYERS, Intervention, InterventionSpec
     from ldmprobe.models import load_model
     from ldmprobe.probes import ProbeBank
     from ldmprobe.schemas import GenerationSettings
@@ -130,8 +130,9 @@ def bench_end_to_end(steps: int, dx: float, bank_path: str | None, compile: bool
     runner = Intervention(sampler, bank)
     settings = GenerationSettings(steps=steps)
     prompt, seed = "a red apple on a wooden table", 5107435
-    spec = InterventionSpec(dx=dx, edit_steps=[s for s in range(5) if s < steps])
-    runner.run(prompt, seed, InterventionSpec(dx=dx, edit_steps=[0], iterations=2), settings)  # warm (compiles)
+    study = STUDY_LAYERS["foreground"]  # the nine decoder layers of (a), whatever the bank holds
+    spec = InterventionSpec(dx=dx, edit_steps=[s for s in range(5) if s < steps], layers=study)
+    runner.run(prompt, seed, InterventionSpec(dx=dx, edit_steps=[0], iterations=2, layers=study), settings)  # warm
     sampler.generate([prompt], [seed], settings, keep_steps=False)
     gen_s, iv_s, result = [], [], None
     for _ in range(2):
