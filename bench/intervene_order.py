@@ -1,7 +1,7 @@
 """The two intervention orders on the same requests: sequential (the study's) vs joint. One JSON line.
 
 Tiny model, a probe bank fitted on rendered scenes (the tests' scene bank: foreground + depth on
-all 16 layers, LMS, --steps steps; or --bank), the study's foreground spec (dec2–dec4, steps 0–4,
+all 16 layers, LMS, --steps steps; or --bank), the study's foreground spec (dec2–dec4, Euclidean edit, steps 0–4,
 128 Adam iterations, lr 5e-3) shifted by --dx. Per request and order: the success numbers
 (`measure`: Dice to the target of the evaluation probe, edited vs unedited; centroid shift
 achieved / requested; the edited layers' own probes on the patched forward) and the wall time;
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         got = {}
         for order in ("sequential", "joint"):
             started = time.perf_counter()
-            got[order] = runner.run(prompt, seed, InterventionSpec(dx=args.dx, order=order, layers=STUDY_LAYERS["foreground"]), settings)
+            got[order] = runner.run(prompt, seed, InterventionSpec(dx=args.dx, order=order, layers=STUDY_LAYERS["foreground"], metric="euclidean"), settings)
             s = got[order].success
             rep = s.get("representation") or {}
             row[order] = {"seconds": round(time.perf_counter() - started, 3),
