@@ -332,3 +332,14 @@ def test_activation_metric_intervention_moves_the_object_on_the_shipped_model(tm
     with Image.open(tmp_path / "activation" / "intervene.png") as im:
         assert im.format == "PNG" and im.width > 300
     assert [r["dx"] for r in rows] == [24.0, -24.0, 24.0, -24.0]
+
+
+def test_card_keeps_summaries_not_long_tables():
+    from training.scenes_model.ship import LONG_ROWS, compact_figures
+
+    figures = {"probes": {"rows": [{"v": i} for i in range(LONG_ROWS + 1)], "summary": {"best": 0.9}},
+               "evaluate": {"rows": [1, 2], "colour": 0.9}, "lineage": {"total_wall_min": 1.0}}
+    out = compact_figures(figures)
+    assert "rows" not in out["probes"] and out["probes"]["summary"] == {"best": 0.9}
+    assert out["probes"]["rows_omitted"].startswith(f"{LONG_ROWS + 1} rows")
+    assert out["evaluate"] == figures["evaluate"] and out["lineage"] == figures["lineage"]

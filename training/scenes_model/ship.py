@@ -29,6 +29,22 @@ def file_hashes(folder: Path) -> dict[str, str]:
             if p.is_file() and p.name not in CARD_FILES}
 
 
+LONG_ROWS = 64  # a figure's "rows" list longer than this stays in its run folder, not in the card
+
+
+def compact_figures(figures: dict) -> dict:
+    """The figures as the card keeps them: a figure's long per-item table ("rows", e.g. the probe job's
+    2410 layer × step × metric rows, which the bank's own metadata carries per probe) is replaced by
+    its length, so the card stays readable; summaries are kept whole."""
+    out = {}
+    for name, value in figures.items():
+        if isinstance(value, dict) and isinstance(value.get("rows"), list) and len(value["rows"]) > LONG_ROWS:
+            value = {k: v for k, v in value.items() if k != "rows"} | {
+                "rows_omitted": f"{len(value['rows'])} rows: see the run folder (and, for probes, the bank's metadata)"}
+        out[name] = value
+    return out
+
+
 def ship(run: Path, to: Path, command: str, figures: dict, extra_files: dict[str, Path] | None = None) -> dict:
     job = json.loads((run / "job.json").read_text())
     tmp = to.with_name(to.name + ".partial")
@@ -47,7 +63,7 @@ def ship(run: Path, to: Path, command: str, figures: dict, extra_files: dict[str
             "wall_s": job["wall_s"], "wall_min_total": round(sum(job["wall_s"].values()) / 60, 1),
             "world_size": job.get("world_size"), "device": job.get("device"), "torch": job.get("torch"),
             "final_loss": job.get("loss"), "scaling_factor": job.get("scaling_factor"),
-            "figures": sanitize(figures), "bytes_total": total, "sha256": files}
+            "figures": sanitize(compact_figures(figures)), "bytes_total": total, "sha256": files}
     write_json(tmp / "card.json", card)
     with atomic_path(tmp / "card.md") as p:
         p.write_text(render_card(card))
