@@ -59,9 +59,7 @@ def measure(prop: str, original_map: torch.Tensor, edited_map: torch.Tensor, tar
         out["centroid"] = {"original": _pair(c0), "edited": _pair(c1), "target": _pair(ct)}
         out["shift_requested_px"] = _pair(requested)
         out["shift_achieved_px"] = _pair(achieved)
-        norm2 = None if requested is None else requested[0] ** 2 + requested[1] ** 2
-        out["shift_fraction"] = (_r((achieved[0] * requested[0] + achieved[1] * requested[1]) / norm2)
-                                 if achieved is not None and norm2 else None)
+        out["shift_fraction"] = _r(_projection(achieved, requested))
         region = orig_m | tgt_m
     else:
         out["rmse_to_target"] = _r(float(rmse(edited_map[None], target_map[None])[0]))
@@ -131,9 +129,15 @@ def _shift(before: torch.Tensor, after: torch.Tensor, requested: Sequence[float]
     if c0 is None or c1 is None:
         return {"shift_achieved_px": None, "shift_fraction": None}
     achieved = ((c1[0] - c0[0]) / scale, (c1[1] - c0[1]) / scale)
+    return {"shift_achieved_px": _pair(achieved), "shift_fraction": _r(_projection(achieved, requested))}
+
+
+def _projection(achieved: Sequence[float] | None, requested: Sequence[float] | None) -> float | None:
+    """The achieved shift projected on the requested one, as a fraction of it (None if either is missing)."""
     norm2 = None if requested is None else requested[0] ** 2 + requested[1] ** 2
-    fraction = (achieved[0] * requested[0] + achieved[1] * requested[1]) / norm2 if norm2 else None
-    return {"shift_achieved_px": _pair(achieved), "shift_fraction": _r(fraction)}
+    if achieved is None or not norm2:
+        return None
+    return (achieved[0] * requested[0] + achieved[1] * requested[1]) / norm2
 
 
 def is_translation(affine: Sequence[Sequence[float]]) -> bool:

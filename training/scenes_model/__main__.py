@@ -166,6 +166,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
 def _intervene(args) -> dict:
     from ldmprobe.atomic import write_json
     from ldmprobe.generate import Sampler
+    from ldmprobe.intervene import InterventionSpec
     from ldmprobe.label_models import load_label_models
     from ldmprobe.models import SCENES_DIR, load_model
     from ldmprobe.probes import ProbeBank
@@ -191,7 +192,7 @@ def _intervene(args) -> dict:
     out = run_interventions(sampler, bank, cases, settings, label_model=labels.foreground, order=args.order,
                             protocol=args.protocol, metric=args.metric, **layers)
     rows = [{k: v for k, v in r.items() if k != "_result"} for r in out["rows"]]
-    metric = args.metric or ("euclidean" if args.protocol == "study" else "activation")
+    metric = InterventionSpec(protocol=args.protocol, metric=args.metric).resolved_metric()
     result = {"model": args.model, "order": args.order, "guidance": args.guidance, "layers": args.layers or "default",
               "protocol": args.protocol, "metric": metric, "label_models": labels.source, "cases": len(cases),
               "summary": out["summary"], "seconds": out["seconds"]}
