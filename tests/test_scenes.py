@@ -248,6 +248,32 @@ def test_frame_offset_moves_the_camera_in_its_image_plane_only():
         sample_scene(1, frame_offset=1.5)
 
 
+def test_mist_fades_only_the_floor_towards_the_horizon_with_distance():
+    """Mist draws nothing and changes no label; off the floor the image is the same bits; on the floor
+    each pixel lies between its unmisted colour and the horizon colour, nearer the horizon the farther
+    it is (the depth cue it exists for), and a floor of constant colour becomes monotone in depth."""
+    from training.scenes import MODEL_SCENES
+
+    opts = {**MODEL_SCENES, "mist": 0.0}
+    clear, misty = render_scene(21, 64, **opts), render_scene(21, 64, **{**opts, "mist": 3.0})
+    assert misty.spec.mist == 3.0 and clear.spec == SceneSpec.from_dict({**misty.spec.to_dict(), "mist": 0.0})
+    for name in ("mask", "valid", "depth", "shading", "normals", "albedo", "ids"):
+        assert np.array_equal(getattr(clear, name), getattr(misty, name)), name
+    floor = clear.ids == 0
+    assert floor.sum() > 200 and np.array_equal(clear.image[~floor], misty.image[~floor])
+    horizon = np.asarray(misty.spec.sky_horizon) * 255
+    a, b = clear.image[floor].astype(float), misty.image[floor].astype(float)
+    moved = np.abs(b - a).sum(-1)
+    assert np.all(np.abs(b - horizon).sum(-1) <= np.abs(a - horizon).sum(-1) + 3) and moved.mean() > 10
+    lit = floor & (clear.shading > 0)  # same shading: the floor's own colour is constant there
+    fraction = (misty.image[lit].astype(float) - clear.image[lit]) / (horizon - clear.image[lit])
+    from scipy.stats import spearmanr
+    assert spearmanr(fraction.mean(-1), clear.depth[lit]).statistic > 0.95
+    assert SceneSpec.from_dict(json.loads(json.dumps(misty.spec.to_dict()))) == misty.spec
+    with pytest.raises(ValueError, match="mist"):
+        sample_scene(1, mist=-1.0)
+
+
 def test_prompt_names_objects_and_floor():
     red = Material("red", (0.8, 0.1, 0.1))
     blue = Material("blue", (0.1, 0.2, 0.8), "checker", "white", (0.9, 0.9, 0.9))

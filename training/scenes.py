@@ -19,7 +19,9 @@ Label conventions (per pixel, for the nearest hit along the pixel-centre ray; no
   normals  float32 [H, W, 3] unit world-space normal; sky = 0.
   albedo   float32 [H, W, 3] linear reflectance (texture included); sky = its linear colour.
   image    uint8   [H, W, 3] sRGB: (albedo · (ambient + (1 − ambient) · shading)) ** (1 / 2.2).
-So `albedo * (ambient + (1 - ambient) * shading)` reproduces the linear image everywhere.
+So `albedo * (ambient + (1 - ambient) * shading)` reproduces the linear image everywhere, except on
+the ground of a scene with mist (`SceneSpec.mist` > 0): there the image fades into the horizon colour
+with distance, a depth cue a plain floor otherwise lacks; albedo, shading and depth stay the floor's.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ class SceneSpec:
     sky_horizon: tuple[float, float, float] = (0.85, 0.88, 0.92)  # sRGB
     sky_zenith: tuple[float, float, float] = (0.35, 0.55, 0.85)
     seed: int | None = None  # the seed it was sampled from, if any
+    # Ground mist: the floor fades into the horizon colour with ray distance t as 1 - exp(-t / (mist · camera
+    # distance)); 0 = none. Objects and labels are untouched (see the module docstring).
+    mist: float = 0.0
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples → lists, numpy-free
@@ -181,7 +186,7 @@ class SceneSpec:
         objects = [SceneObject(o["kind"], t(o["center"]), t(o["half_extents"]), o["yaw_deg"],
                                _material(o["material"])) for o in d["objects"]]
         return cls(objects, _material(d["ground"]), Camera(**{**d["camera"], "target": t(d["camera"]["target"])}),
-                   Light(**d["light"]), t(d["sky_horizon"]), t(d["sky_zenith"]), d.get("seed"))
+                   Light(**d["light"]), t(d["sky_horizon"]), t(d["sky_zenith"]), d.get("seed"), d.get("mist", 0.0))
 
 
 def _material(d: dict) -> Material:
@@ -229,14 +234,16 @@ def _pick_material(rng, palette, exclude, p_patterns, scale_range) -> Material:
 
 
 def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds: Iterable[str] = KINDS,
-                 colors: Iterable[str] | None = None, plain: bool = False, frame_offset: float = 0.0) -> SceneSpec:
+                 colors: Iterable[str] | None = None, plain: bool = False, frame_offset: float = 0.0,
+                 mist: float = 0.0) -> SceneSpec:
     """Draw a random scene. The camera distance is set from the scene's extent, so objects fill
     roughly 2–80 % of the frame (tested over many seeds). `colors` narrows the object palette,
     `plain` turns every texture off (objects and floor); the random draws are the same either way
     up to those choices, so a narrowed distribution is a subset in kind, not a different sampler.
     `frame_offset` (0…1) moves the camera parallel to its image plane so the scene's centre lands
     anywhere in the part of the frame its extent leaves free (1: all of it horizontally, a third of it
-    vertically); drawn last, so every other draw is the same with or without it."""
+    vertically); drawn last, so every other draw is the same with or without it. `mist` (≥ 0) fades the
+    floor into the horizon colour with distance (SceneSpec.mist); it draws nothing."""
     seed = rng if isinstance(rng, int) else None
     rng = np.random.default_rng(rng)
     kinds = tuple(kinds)
@@ -246,6 +253,8 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
         raise ValueError("max_objects must be >= 1")
     if not 0.0 <= frame_offset <= 1.0:
         raise ValueError(f"frame_offset must be in [0, 1], got {frame_offset!r}")
+    if not (mist >= 0.0 and math.isfinite(mist)):
+        raise ValueError(f"mist must be a finite number >= 0, got {mist!r}")
     palette = OBJECT_COLORS if colors is None else {c: OBJECT_COLORS[c] for c in colors}
     if not palette or any(c not in OBJECT_COLORS for c in palette):
         raise ValueError(f"colors must be a non-empty subset of {tuple(OBJECT_COLORS)}")
@@ -302,7 +311,7 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 3, kinds:
     zenith = tuple(float(v) for v in np.clip(np.array([0.3, 0.5, 0.85]) + rng.uniform(-0.15, 0.15, 3), 0, 1))
     if frame_offset > 0:
         camera = _offset_camera(camera, rng.uniform(-1.0, 1.0, 2) * frame_offset * (1.0 - fill) * np.array([1.0, 1 / 3]))
-    return SceneSpec(objects, ground, camera, light, horizon, zenith, seed)
+    return SceneSpec(objects, ground, camera, light, horizon, zenith, seed, float(mist))
 
 
 def _offset_camera(camera: Camera, offset: np.ndarray) -> Camera:
@@ -514,7 +523,12 @@ def render(spec: SceneSpec, size=(128, 128)) -> Scene:
     albedo[~hit] = _to_linear(np.clip(sky, 0, 1))
     amb = spec.light.ambient
     linear = albedo * (amb + (1 - amb) * shading[:, None])
-    image = np.round(np.clip(linear, 0, 1) ** (1 / GAMMA) * 255).astype(np.uint8)
+    srgb = np.clip(linear, 0, 1) ** (1 / GAMMA)
+    if spec.mist > 0:  # faded in sRGB, a painter's aerial perspective: a linear-light fade washes dark floors out
+        ground = np.flatnonzero(ids == 0)
+        fade = 1.0 - np.exp(-t_best[ground] / (spec.mist * spec.camera.distance))
+        srgb[ground] += fade[:, None] * (np.asarray(spec.sky_horizon) - srgb[ground])
+    image = np.round(srgb * 255).astype(np.uint8)
 
     def grid(a, dtype):
         return np.ascontiguousarray(a.reshape(h, w, *a.shape[1:]).astype(dtype))

@@ -191,6 +191,7 @@ class Trainer:
             raise ValueError(f"{self.out} exists and holds something else; use an empty or new --out")
         job = {"job": "training.scenes_model", "config": config, "wall_s": {}, "world_size": self.dist.world,
                "device": self.device.type, "torch": torch.__version__}
+        self._barrier()  # every rank has looked at --out before the main one writes into it
         if self.dist.main:
             write_json(self.job_path, job)
         return job
