@@ -338,8 +338,61 @@ def test_card_keeps_summaries_not_long_tables():
     from training.scenes_model.ship import LONG_ROWS, compact_figures
 
     figures = {"probes": {"rows": [{"v": i} for i in range(LONG_ROWS + 1)], "summary": {"best": 0.9}},
-               "evaluate": {"rows": [1, 2], "colour": 0.9}, "lineage": {"total_wall_min": 1.0}}
+               "evaluate": {"rows": [1, 2], "colour": 0.9}, "lineage": {"total_wall_min": 1.0},
+               "samples": {"model_rows": list(range(64)), "renders_rows": [0], "colour": 1.0}}
     out = compact_figures(figures)
     assert "rows" not in out["probes"] and out["probes"]["summary"] == {"best": 0.9}
     assert out["probes"]["rows_omitted"].startswith(f"{LONG_ROWS + 1} rows")
+    assert out["samples"] == {"renders_rows": [0], "colour": 1.0, "model_rows_omitted": out["samples"]["model_rows_omitted"]}
+    assert out["samples"]["model_rows_omitted"].startswith("64 rows")
     assert out["evaluate"] == figures["evaluate"] and out["lineage"] == figures["lineage"]
+
+
+def test_ship_replaces_the_weights_and_keeps_the_hand_written_readmes(tmp_path):
+    """Shipping a new run swaps every weight file and rewrites the card, but the folder's summary
+    README.md and the pointer READMEs beside the weights (written by hand) survive, outside the hashes."""
+    from training.scenes_model.ship import sha256, ship
+
+    run = tmp_path / "run"
+    (run / "model" / "unet").mkdir(parents=True)
+    (run / "model" / "unet" / "w.safetensors").write_bytes(b"new")
+    (run / "job.json").write_text(json.dumps({"config": {"scenes": 8, "seed": 0}, "wall_s": {"unet": 60.0},
+                                              "scaling_factor": 0.5}))
+    to = tmp_path / "scenes"
+    (to / "unet").mkdir(parents=True)
+    (to / "unet" / "w.safetensors").write_bytes(b"old")
+    (to / "stale.safetensors").write_bytes(b"gone")
+    (to / "README.md").write_text("summary")
+    (to / "unet" / "README.md").write_text("pointer")
+    card = ship(run, to, "cmd", {"evaluate": {"colour": 1.0}})
+    assert (to / "unet" / "w.safetensors").read_bytes() == b"new" and not (to / "stale.safetensors").exists()
+    assert (to / "README.md").read_text() == "summary" and (to / "unet" / "README.md").read_text() == "pointer"
+    assert card["sha256"] == {"unet/w.safetensors": sha256(to / "unet" / "w.safetensors")}
+    assert json.loads((to / "card.json").read_text())["figures"]["evaluate"] == {"colour": 1.0}
+
+
+def test_depth_region_oracles_on_known_maps():
+    """The exact map scores 1 everywhere; a map right on the object and sky but flat on the floor scores the
+    flat-floor ceiling and gains everything from the floor oracle; block-averaging a row gradient at the
+    map's own resolution keeps it monotone (ties only)."""
+    import numpy as np
+
+    from training.scenes_model.depth_ceiling import region_oracles
+
+    h = w = 16
+    ids = np.zeros((h, w), int)
+    ids[:4] = -1  # sky on top
+    ids[8:12, 6:10] = 1  # an object
+    inv = np.tile(np.linspace(0.1, 1.0, h)[:, None], (1, w))  # floor nearer towards the bottom
+    inv[ids == -1] = 0.02
+    inv[ids == 1] = 0.5
+    exact = region_oracles(inv, inv, ids, grid=4)
+    assert all(abs(v - 1.0) < 1e-9 for k, v in exact.items() if k != "ceiling_flat_floor" and k != "ceiling_block_average")
+    assert exact["ceiling_flat_floor"] < 0.9
+    flat = inv.copy()
+    flat[ids == 0] = inv[ids == 0].mean()
+    got = region_oracles(flat, inv, ids, grid=4)
+    assert abs(got["probe"] - got["ceiling_flat_floor"]) < 1e-9 and abs(got["floor_exact"] - 1.0) < 1e-9
+    assert got["probe"] < 0.9 and np.isnan(got["floor_only"])
+    assert 0.9 < got["ceiling_block_average"] < 1.0
+

@@ -3,7 +3,7 @@
 The study labelled SD v1.4's images with off-the-shelf models (TRACER saliency, MiDaS depth, an
 intrinsic-image shading estimator, VGG-16 for the per-step classification). The scenes world has no
 such models, so this job trains small ones on renders of the scenes model's own world
-(`training.scenes.MODEL_SCENES`: one plain object, 8 colours × sphere / box / cylinder, plain floor),
+(`training.scenes.MODEL_SCENES`: one plain object, 8 colours × sphere / box / cylinder, on a plain floor that fades into the horizon colour with distance),
 where every label is exact, and writes a folder `ldmprobe.label_models.load_label_models` reads:
 
   config.json              architectures, class names, image size
@@ -334,7 +334,7 @@ def _card_md(card: dict) -> str:
     return f"""# Scenes label models — model card
 
 Small models in the roles of the study's label models, for the scenes world
-(`training.scenes.MODEL_SCENES`: one plain object, {len(MODEL_COLORS)} colours × sphere / box / cylinder, plain floor):
+(`training.scenes.MODEL_SCENES`: one plain object, {len(MODEL_COLORS)} colours × sphere / box / cylinder, on a plain floor that fades into the horizon colour with distance):
 
 | role (study's model) | here | output |
 |---|---|---|

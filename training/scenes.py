@@ -64,7 +64,9 @@ PATTERNS = ("plain", "checker", "stripes")
 MODEL_COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan")
 # The object is placed anywhere in the frame (`frame_offset`), not always at its centre: a model that has
 # only seen centred objects has learned "the object is in the middle" and cannot be moved by any edit.
-MODEL_SCENES = {"max_objects": 1, "colors": MODEL_COLORS, "plain": True, "frame_offset": 1.0}
+# The floor fades into the horizon colour with distance (`mist`): a plain floor otherwise says nothing of
+# how far each of its pixels is, and the depth a model can know is bounded by the cues its world shows.
+MODEL_SCENES = {"max_objects": 1, "colors": MODEL_COLORS, "plain": True, "frame_offset": 1.0, "mist": 3.0}
 
 
 # ---------------------------------------------------------------- scene description

@@ -26,7 +26,7 @@ PROPERTIES = ("foreground", "depth")
 ORDERS = ("sequential", "joint")
 DEFAULT_ORDER: Order = "sequential"
 # The study's edited layers (its code: the decoder's nine for the foreground, all for depth) and
-# ldmprobe's: all 16 for both. On the scenes model (README: "Moving the object") editing all 16
+# ldmprobe's: all 16 for both. On the stage-4 scenes model (README: "Moving the object") editing all 16
 # moves the object further (0.71 vs 0.55 of the request by the probe, 0.50 vs 0.41 by the
 # segmenter, 32 captions) and the ideal edit says why (0.63 vs 0.35 when patching them).
 STUDY_LAYERS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from ldmprobe.jsonout import print_line
 
 
-def probe_figure(out: Path, prompt: str, seed: int, steps: list[int]) -> dict:
+def probe_figure(out: Path, prompt: str, seed: int, steps: list[int], guidance: float = 2.0) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +28,7 @@ def probe_figure(out: Path, prompt: str, seed: int, steps: list[int]) -> dict:
     model = load_model("scenes")
     bank = ProbeBank.load(SCENES_DIR / "bank.safetensors", model)
     best = {p: bank.best_layers()[p][0] for p in ("foreground", "depth")}
-    result = Sampler(model).generate([prompt], [seed], GenerationSettings(steps=15), layers=tuple(set(best.values())))
+    result = Sampler(model).generate([prompt], [seed], GenerationSettings(steps=15, guidance=guidance), layers=tuple(set(best.values())))
     size = tuple(result.images.shape[-2:])
     maps = {s: bank.apply(result.steps[s].activations, s, properties=list(best), size=size) for s in steps}
     image = result.images[0].permute(1, 2, 0).clamp(0, 1).numpy()
@@ -36,7 +36,7 @@ def probe_figure(out: Path, prompt: str, seed: int, steps: list[int]) -> dict:
     axes[0][0].imshow(image)
     axes[0][0].set_title("image", fontsize=8)
     axes[1][0].axis("off")
-    axes[1][0].text(0, 0.5, f"“{prompt}”\nseed {seed}", fontsize=7, va="center")
+    axes[1][0].text(0, 0.5, f"“{prompt}”\nseed {seed}, guidance {guidance:g}", fontsize=7, va="center")
     for col, step in enumerate(steps, start=1):
         for row, prop in enumerate(("foreground", "depth")):
             ax = axes[row][col]
@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="a red sphere on a grey floor", help="caption (default: a red sphere on a grey floor)")
     p.add_argument("--seed", type=int, default=3, help="seed (default: 3)")
     p.add_argument("--steps", default="0,3,7,14", help="returned steps (default: 0,3,7,14)")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="classifier-free guidance (default: 2, where the scenes model follows its captions; the endpoint's default is the study's 7.5)")
     args = p.parse_args(argv)
-    print_line(probe_figure(args.out, args.prompt, args.seed, [int(s) for s in args.steps.split(",")]))
+    print_line(probe_figure(args.out, args.prompt, args.seed, [int(s) for s in args.steps.split(",")], args.guidance))
     return 0
 
 

@@ -29,18 +29,23 @@ def file_hashes(folder: Path) -> dict[str, str]:
             if p.is_file() and p.name not in CARD_FILES}
 
 
-LONG_ROWS = 64  # a figure's "rows" list longer than this stays in its run folder, not in the card
+LONG_ROWS = 32  # a figure's per-item list ("rows", "*_rows") longer than this stays in its run folder
 
 
 def compact_figures(figures: dict) -> dict:
-    """The figures as the card keeps them: a figure's long per-item table ("rows", e.g. the probe job's
-    2410 layer × step × metric rows, which the bank's own metadata carries per probe) is replaced by
-    its length, so the card stays readable; summaries are kept whole."""
+    """The figures as the card keeps them: a figure's long per-item tables ("rows", e.g. the probe job's
+    2410 layer × step × metric rows, which the bank's own metadata carries per probe; "model_rows", the
+    evaluation's 64 captions) are replaced by their lengths, so the card stays readable; summaries are
+    kept whole."""
     out = {}
     for name, value in figures.items():
-        if isinstance(value, dict) and isinstance(value.get("rows"), list) and len(value["rows"]) > LONG_ROWS:
-            value = {k: v for k, v in value.items() if k != "rows"} | {
-                "rows_omitted": f"{len(value['rows'])} rows: see the run folder (and, for probes, the bank's metadata)"}
+        if isinstance(value, dict):
+            long = [k for k, v in value.items() if (k == "rows" or k.endswith("_rows")) and isinstance(v, list)
+                    and len(v) > LONG_ROWS]
+            if long:
+                value = {k: v for k, v in value.items() if k not in long} | {
+                    f"{k}_omitted": f"{len(value[k])} rows: see the run folder (and, for probes, the bank's metadata)"
+                    for k in long}
         out[name] = value
     return out
 
@@ -52,12 +57,16 @@ def ship(run: Path, to: Path, command: str, figures: dict, extra_files: dict[str
     shutil.copytree(run / "model", tmp)
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
+    for readme in to.rglob("README.md") if to.is_dir() else ():  # the hand-written summary and its pointers stay
+        (tmp / readme.relative_to(to)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(readme, tmp / readme.relative_to(to))
     files = file_hashes(tmp)
     total = sum((tmp / f).stat().st_size for f in files)
     card = {"model": "scenes", "architecture": "Stable Diffusion v1.4's (UNet2DConditionModel, AutoencoderKL ×8 / 4 "
             "latent channels, CLIPTextModel), scaled down; see training/scenes_model/architecture.py",
-            "data": "renders of training.scenes with MODEL_SCENES (one plain object of 8 colours × 3 kinds on a plain "
-                    f"floor of 5 colours), {job['config']['scenes']} training scenes, 64 held-out "
+            "data": "renders of training.scenes with MODEL_SCENES (one plain object of 8 colours × 3 kinds, anywhere in "
+                    "the frame, on a plain floor of 5 colours that fades into the horizon colour with distance), "
+                    f"{job['config']['scenes']} training scenes, 64 held-out "
                     "captions never rendered for training (training/scenes_model/data.py)",
             "command": command, "seed": job["config"]["seed"], "config": job["config"],
             "wall_s": job["wall_s"], "wall_min_total": round(sum(job["wall_s"].values()) / 60, 1),
