@@ -18,11 +18,13 @@ from ldmprobe.jsonout import print_line
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    """The fitting job's Spearman (ties averaged; NaN for a constant map) on one image or pixel set."""
+    import torch
 
-    if np.ptp(a) == 0 or np.ptp(b) == 0:  # a constant map ranks nothing (scipy would warn and say nan)
-        return float("nan")
-    return float(spearmanr(a.ravel(), b.ravel()).statistic)
+    from ldmprobe.metrics import spearman
+
+    return float(spearman(torch.from_numpy(np.asarray(a, np.float64).reshape(1, -1)),
+                          torch.from_numpy(np.asarray(b, np.float64).reshape(1, -1)))[0])
 
 
 def region_oracles(pred: np.ndarray, inv_depth: np.ndarray, ids: np.ndarray, grid: int) -> dict[str, float]:
