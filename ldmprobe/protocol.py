@@ -33,6 +33,10 @@ class Protocol:
     probe_init: str  # reference recipe: "zeros" or "linear-default" (nn.Linear's own init)
     mask_head: str  # reference recipe: "logit" (one logit, BCE) or "two-class" (2 outputs, CE)
     label_norm: str  # reference recipe targets: "fitted" (training z-score) or "study" (fixed constants)
+    # Depth labels as fitted and scored: "image" standardises each image's map (zero mean, unit variance):
+    # relative depth, free of scale and shift as MiDaS predicts it and as the per-image Spearman scores it;
+    # "none" keeps the label source's values (the study: MiDaS's output under one fixed normalisation).
+    depth_norm: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,10 +45,10 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "ldmprobe": Protocol("ldmprobe", timestep_spacing="study", latent_dtype="float32", mask_threshold=127,
                          prompt_encoding="utf-8", fit_method="ridge", probe_init="zeros", mask_head="logit",
-                         label_norm="fitted"),
+                         label_norm="fitted", depth_norm="image"),
     "study": Protocol("study", timestep_spacing="study", latent_dtype="float32", mask_threshold=0,
                       prompt_encoding="iso-8859-1", fit_method="reference", probe_init="linear-default",
-                      mask_head="two-class", label_norm="study"),
+                      mask_head="two-class", label_norm="study", depth_norm="none"),
 }
 
 

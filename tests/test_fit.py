@@ -80,8 +80,11 @@ def test_small_run_outputs(tmp_path, tiny):
     assert bank.layers == ["mid.0", "dec4.0", "dec4.1", "dec4.2"] and bank.steps == [0, 1, 2, 3]
     assert bank.probe("foreground", "dec4.0", 3).kind == "mask" and not bank.probe("foreground", "dec4.0", 3).sigmoid
     depth = bank.probe("depth", "dec4.0", 3)
-    assert depth.std[0] > 0 and depth.mean[0] > 0  # the fixed global z-score is stored
+    # Depth labels are standardised per image (--depth-norm image), so the stored global z-score is 0 / 1.
+    assert abs(depth.mean[0]) < 1e-4 and abs(depth.std[0] - 1) < 1e-4
+    assert bank.probe("shading", "dec4.0", 3).mean[0] > 0  # other properties keep their values
     job = json.loads((out / "job.json").read_text())
+    assert job["options"]["depth_norm"] == "image" and job["source"]["depth_norm"] == "image"
     assert job["model_identity"] == tiny.identity and job["method"] == "ridge"
     assert (job["protocol"], job["recipe"]) == ("ldmprobe", "ridge") and bank.extra["protocol"] == "ldmprobe"
     assert job["timesteps"] == bank.extra["timesteps"] == list(np.linspace(0, 999, 4)[::-1])
@@ -230,6 +233,7 @@ def test_study_protocol_job_records_and_applies_the_studys_choices(tmp_path, tin
     assert (job["protocol"], job["recipe"], job["method"]) == ("study", "reference", "reference")
     opts = job["options"]
     assert (opts["mask_threshold"], opts["prompt_encoding"], opts["label_norm"]) == (0, "iso-8859-1", "study")
+    assert opts["depth_norm"] == "none" and "depth_norm" not in job["source"]  # MiDaS's values, as the study
     assert (opts["mask_head"], opts["probe_init"], opts["lr"], opts["epochs"]) == ("two-class", "linear-default",
                                                                                    1e-3, 1)
     assert job["timesteps"] == [999.0, 0.0] and job["timestep_spacing"] == "linspace"

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from training.labels import DepthModel, LabelError, LabelFiles, merge_labels, scene_labels
+from training.labels import DepthModel, LabelError, LabelFiles, merge_labels, scene_labels, standardise_per_image
 from training.prompts import PromptFileError, load_prompts, study_split
 
 
@@ -111,6 +111,20 @@ def _soft_disk(size=64, radius=15.0, softness=1.5):
     return (255 / (1 + np.exp(-(radius - r) / softness))).astype(np.uint8)
 
 
+def test_standardise_per_image_known_answers():
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 4.0]],  # mean 2.5, population std √1.25
+                         [[7.0, 7.0], [7.0, 7.0]],  # constant: no shape to keep → zeros
+                         [[2.0, float("nan")], [4.0, 6.0]]])  # NaN ignored and kept
+    out = standardise_per_image(maps)
+    assert torch.allclose(out[0].flatten(), (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / 1.25 ** 0.5)
+    assert torch.equal(out[1], torch.zeros(2, 2))
+    # [2, 4, 6]: mean 4, population std √(8/3)
+    assert torch.isnan(out[2, 0, 1])
+    assert torch.allclose(out[2].flatten()[[0, 2, 3]], torch.tensor([-2.0, 0.0, 2.0]) / (8 / 3) ** 0.5)
+    # A depth map and the same map scaled and shifted are the same relative depth.
+    assert torch.allclose(standardise_per_image(maps[:1] * 3 + 5), out[:1], atol=1e-6)
+
+
 def test_mask_threshold_of_label_files(tmp_path):
     """Item 1: PNG masks are foreground at ≥ 128 by default; the study's rule (> 0, on TRACER's
     soft maps) is the option mask_threshold=0 and counts every faintly salient pixel."""
@@ -147,6 +161,7 @@ def test_study_csvs_read_as_iso_8859_1():
 
 def test_the_study_protocol_wires_its_label_rule_and_encoding_into_the_job(tmp_path):
     """The job's label sources and prompt reading follow --protocol (explicit flags win)."""
+    from training.data import DepthPerImage
     from training.fit import _sources, build_parser
     from training.recipes import resolve
 
@@ -160,6 +175,8 @@ def test_the_study_protocol_wires_its_label_rule_and_encoding_into_the_job(tmp_p
                                                                         "--prompt-encoding", "utf-8"])):
         args = build_parser().parse_args([*base, "--protocol", protocol, *extra])
         train, _ = _sources(args, resolve(args), None, None, ("mid.0",))
+        assert isinstance(train, DepthPerImage) == (protocol == "ldmprobe")  # the study keeps MiDaS's values
+        train = train.source if isinstance(train, DepthPerImage) else train
         seen[(protocol, bool(extra))] = (train.items["7"].prompt, train.sources[0].mask_threshold)
     assert seen[("ldmprobe", False)] == ("Traveler's Choice® TC3300", 127)
     assert seen[("study", False)] == ("Traveler's ChoiceÂ® TC3300", 0)

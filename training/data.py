@@ -69,6 +69,24 @@ class SceneSource:
                 "render_options": self.render_options}
 
 
+class DepthPerImage:
+    """A source whose depth labels are standardised per image (`--depth-norm image`, the ldmprobe
+    protocol): probes are fitted to, and scored on, relative depth. Everything else passes through."""
+
+    def __init__(self, source: ExampleSource):
+        self.source, self.mode, self.ids = source, source.mode, source.ids
+
+    def batch(self, ids: list[str]) -> Batch:
+        from .labels import standardise_per_image
+
+        b = self.source.batch(ids)
+        labels = {k: standardise_per_image(v) if k == "depth" else v for k, v in b.labels.items()}
+        return Batch(b.ids, b.images, labels, b.activations)
+
+    def describe(self) -> dict:
+        return {**self.source.describe(), "depth_norm": "image"}
+
+
 class PromptSource:
     """Generated mode: the study's protocol on (prompt, seed) pairs, labelled by label sources."""
 

@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files: PNG masks: foreground where value > N (default: 127, i.e. ≥ 128; study protocol: 0)")
     p.add_argument("--prompt-encoding", default=None,
                    help="text encoding of prompt files (default: utf-8; study protocol: iso-8859-1, as the study read them)")
+    p.add_argument("--depth-norm", choices=["image", "none"], default=None,
+                   help="depth labels as fitted and scored: image = each map standardised (zero mean, unit variance: "
+                        "relative depth, as MiDaS predicts it); none = the label source's values (default: the "
+                        "protocol's: image, none under --protocol study)")
     p.add_argument("--val-every", type=int, default=5,
                    help="every Nth training image is held out to choose λ (default: 5)")
     p.add_argument("--shard-size", type=int, default=8, help="images per checkpointed shard (default: 8)")
@@ -341,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sources(args, opts: JobOptions, sampler, settings, layers):
+    """(train, test) example sources; depth labels standardised per image under --depth-norm image."""
+    from .data import DepthPerImage
+
+    train, test = _label_sources(args, opts, sampler, settings, layers)
+    if opts.depth_norm == "image":
+        return DepthPerImage(train), DepthPerImage(test)
+    return train, test
+
+
+def _label_sources(args, opts: JobOptions, sampler, settings, layers):
     from .data import PromptSource, SceneSource
     from .labels import DepthModel, LabelFiles, SceneLabelModels
     from .prompts import load_prompts, named_split, study_split

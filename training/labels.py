@@ -161,6 +161,22 @@ def scene_labels(scenes) -> dict[str, torch.Tensor]:
     }
 
 
+def standardise_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] → each map at zero mean and unit variance over its finite pixels (`--depth-norm image`).
+
+    What is left is the map's shape: relative depth, free of the scale and shift that a monocular
+    estimator (MiDaS) cannot know and that a per-image Spearman ignores. A constant map becomes zeros;
+    NaN pixels stay NaN."""
+    flat = maps.reshape(maps.shape[0], -1).double()
+    finite = torch.isfinite(flat)
+    n = finite.sum(1, keepdim=True).clamp_min(1)
+    mean = torch.where(finite, flat, 0.0).sum(1, keepdim=True) / n
+    centred = torch.where(finite, flat - mean, 0.0)
+    std = (centred.square().sum(1, keepdim=True) / n).sqrt()
+    out = torch.where(std > 1e-12, centred / std.clamp_min(1e-12), 0.0)
+    return torch.where(finite, out, flat).to(maps.dtype).reshape(maps.shape)
+
+
 def merge_labels(*parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Combine the outputs of several sources; a property given twice is an error."""
     out: dict[str, torch.Tensor] = {}

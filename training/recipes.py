@@ -64,6 +64,7 @@ class JobOptions:
     probe_init: str
     mask_head: str
     label_norm: str
+    depth_norm: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,4 +99,5 @@ def resolve(args) -> JobOptions:
         latent_dtype=protocol.latent_dtype,
         mask_threshold=protocol.mask_threshold if args.mask_threshold is None else args.mask_threshold,
         prompt_encoding=args.prompt_encoding or protocol.prompt_encoding,
-        probe_init=protocol.probe_init, mask_head=protocol.mask_head, label_norm=protocol.label_norm)
+        probe_init=protocol.probe_init, mask_head=protocol.mask_head, label_norm=protocol.label_norm,
+        depth_norm=getattr(args, "depth_norm", None) or protocol.depth_norm)
