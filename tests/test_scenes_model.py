@@ -395,4 +395,11 @@ def test_depth_region_oracles_on_known_maps():
     assert abs(got["probe"] - got["ceiling_flat_floor"]) < 1e-9 and abs(got["floor_exact"] - 1.0) < 1e-9
     assert got["probe"] < 0.9 and np.isnan(got["floor_only"])
     assert 0.9 < got["ceiling_block_average"] < 1.0
+    # A probe fitted to relative depth (--depth-norm image) has other units: the oracles swap in the exact
+    # map in those units, so every figure is the same for the map scaled and shifted.
+    rng = np.random.default_rng(0)
+    noisy = inv + 0.05 * rng.standard_normal(inv.shape)
+    raw, scaled = region_oracles(noisy, inv, ids, grid=4), region_oracles(3.0 * noisy - 2.0, inv, ids, grid=4)
+    assert raw.keys() == scaled.keys() and all(abs(raw[k] - scaled[k]) < 1e-9 for k in raw)
+    assert raw["floor_exact"] > raw["probe"]  # the exact floor, in the noisy map's units, helps
 

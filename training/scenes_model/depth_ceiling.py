@@ -27,14 +27,28 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
                           torch.from_numpy(np.asarray(b, np.float64).reshape(1, -1)))[0])
 
 
+def _in_units_of(pred: np.ndarray, inv_depth: np.ndarray) -> np.ndarray:
+    """The exact map a·inv_depth + b nearest `pred` in least squares: the exact values in the probe's own
+    units (inverse depth, or relative depth under --depth-norm image), so a region swapped in is not off
+    by a scale or a shift. A constant map is kept as it is."""
+    x, y = inv_depth.ravel().astype(np.float64), pred.ravel().astype(np.float64)
+    var = x.var()
+    if var <= 0:
+        return inv_depth.astype(np.float64)
+    a = ((x - x.mean()) * (y - y.mean())).mean() / var
+    return a * inv_depth + (y.mean() - a * x.mean())
+
+
 def region_oracles(pred: np.ndarray, inv_depth: np.ndarray, ids: np.ndarray, grid: int) -> dict[str, float]:
     """One image's figures: `pred` and `inv_depth` [H, W] (H, W multiples of `grid`), `ids` the
-    renderer's (-1 sky, 0 floor, ≥ 1 object)."""
+    renderer's (-1 sky, 0 floor, ≥ 1 object). Each oracle swaps a region of `pred` for the exact map in
+    `pred`'s units, so the figures do not change when `pred` is scaled or shifted."""
     h, w = inv_depth.shape
     out = {"probe": _spearman(pred, inv_depth)}
+    exact = _in_units_of(pred, inv_depth)
     for name, sel in (("object_exact", ids >= 1), ("floor_exact", ids == 0), ("sky_exact", ids == -1)):
         mixed = pred.copy()
-        mixed[sel] = inv_depth[sel]
+        mixed[sel] = exact[sel]
         out[name] = _spearman(mixed, inv_depth)
     floor = ids == 0
     out["floor_only"] = _spearman(pred[floor], inv_depth[floor]) if floor.sum() > 1 else float("nan")
