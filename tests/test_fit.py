@@ -309,3 +309,14 @@ def test_rmse_is_also_reported_in_the_studys_normalised_units():
     want_raw = np.sqrt(((pred - target) ** 2).mean(axis=(1, 2)))
     np.testing.assert_allclose(got["rmse_study"].numpy(), want_study, rtol=1e-5)
     np.testing.assert_allclose(got["rmse"].numpy(), want_raw, rtol=1e-5)
+
+
+def test_world_choice_puts_any_model_on_the_scenes_models_scenes(tiny):
+    """--world scenes renders the shipped scenes model's world for any model (the random contrast on the
+    same scenes); auto is the model's own world (none for tiny: the full renderer)."""
+    from ldmprobe.models import SCENES_DIR
+    from training.fit import _world
+
+    shipped = json.loads((SCENES_DIR / "world.json").read_text())["render_options"]
+    assert _world("scenes", tiny) == shipped and shipped["mist"] > 0
+    assert _world("auto", tiny) is None and _world("full", tiny) is None

@@ -287,9 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=96, help="noised mode: training scenes, seeds 0…N-1 (default: 96)")
     p.add_argument("--test-scenes", type=int, default=32,
                    help=f"noised mode: test scenes, seeds {TEST_SEED_OFFSET}+ (default: 32)")
-    p.add_argument("--world", choices=["auto", "full"], default="auto",
+    p.add_argument("--world", choices=["auto", "full", "scenes"], default="auto",
                    help="noised mode: scene distribution; auto = the model's own world (world.json of a trained "
-                        "model such as scenes), else the renderer's full one (default: auto)")
+                        "model such as scenes), else the renderer's full one; scenes = the shipped scenes model's "
+                        "world whatever the model (e.g. the random tiny model on the same scenes) (default: auto)")
     p.add_argument("--prompts", type=Path, default=None,
                    help="generated mode: training prompts, CSV or text (default: the study's 246-prompt train split)")
     p.add_argument("--test-prompts", type=Path, default=None,
@@ -354,6 +355,18 @@ def _sources(args, opts: JobOptions, sampler, settings, layers):
     return train, test
 
 
+def _world(choice: str, model) -> dict | None:
+    """Render options of the noised-mode scenes: the model's own world, the full renderer's, or the
+    shipped scenes model's (world.json)."""
+    if choice == "full":
+        return None
+    if choice == "scenes":
+        from ldmprobe.models import scenes_folder
+
+        return json.loads((scenes_folder() / "world.json").read_text()).get("render_options")
+    return (model.world() or {}).get("render_options")
+
+
 def _label_sources(args, opts: JobOptions, sampler, settings, layers):
     from .data import PromptSource, SceneSource
     from .labels import DepthModel, LabelFiles, SceneLabelModels
@@ -362,7 +375,7 @@ def _label_sources(args, opts: JobOptions, sampler, settings, layers):
     if args.mode == "noised":
         if args.scenes < 2 or args.test_scenes < 1:
             raise JobError("--scenes must be ≥ 2 and --test-scenes ≥ 1")
-        world = (sampler.model.world() or {}).get("render_options") if args.world == "auto" else None
+        world = _world(args.world, sampler.model)
         return (SceneSource(sampler, settings, layers, list(range(args.scenes)), world),
                 SceneSource(sampler, settings, layers, list(range(TEST_SEED_OFFSET, TEST_SEED_OFFSET + args.test_scenes)),
                             world))
