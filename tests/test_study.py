@@ -51,6 +51,7 @@ def test_reduced_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "guidance 2." in report  # --guidance reaches every generation: the fit, its report, the stages
     assert json.loads((out / "generated" / "job.json").read_text())["guidance"] == 2
+    assert "relative depth (`--depth-norm image`" in report  # the report says how depth was fitted
     for heading in ("## Layers", "## Best probes", "## Emergence", "## Classification", "## Intervention", "## Wall time"):
         assert heading in report
     assert report.count("| enc1 |") + report.count("Encoder 1") >= 1  # the layer table names the blocks

@@ -369,8 +369,13 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
             base = (s.get("baseline") or {}).get(s["metric"])
             lines.append(f"| {mode} | {prop} | {s['metric']} | {best.get('layer')} | {best.get('step')} | "
                          f"{_fmt(best.get('value'))} | {_fmt(final.get('value'))} ({final.get('layer')}) | {_fmt(base)} |")
+    job = args.out / "generated" / "job.json"
+    depth_norm = (json.loads(job.read_text()).get("options") or {}).get("depth_norm") if job.is_file() else None
+    norm = ("Depth is fitted and scored as relative depth (`--depth-norm image`: each image's map at zero mean, "
+            "unit variance; RMSE in those units). " if depth_norm == "image" else
+            "Depth is fitted and scored in the label's own values (`--depth-norm none`). " if depth_norm else "")
     lines += ["", "Generated mode = the study's protocol: labels are the label models' outputs on the final image. "
-              "Noised mode: exact labels of renders, the render noised to each step.", "",
+              "Noised mode: exact labels of renders, the render noised to each step. " + norm, "",
               "## Emergence: probes vs the label models on each step's decoded image", "",
               "| mode | property | probe reaches 90 % of final at step | label model reaches 90 % at step | "
               "probe at step 3 | label model at step 3 | label model ≥ probe from step |", "|---|---|---|---|---|---|---|"]
