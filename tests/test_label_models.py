@@ -248,6 +248,31 @@ def test_gradient_matching_asks_for_flat_where_the_label_is_flat():
     assert float(on["total"] - off["total"]) == pytest.approx(4.0 * float(on["shading_grad"]), rel=1e-5)
 
 
+def test_tie_variance_asks_for_one_value_wherever_the_label_has_one():
+    """Known answers: zero for a prediction constant on each tie at any level; a slow drift across the
+    tied floor costs its variance times the floor's share; a value held by too few pixels is no tie; gradients reach the prediction; weight 0 switches it off."""
+    from training.label_models import dense_loss, tie_variance
+
+    t = torch.full((1, 16, 16), 0.6)  # the evenly lit floor
+    t[:, 4:8, 4:8] = torch.linspace(0.1, 0.9, 16).reshape(4, 4)  # an object's varying shading (no ties)
+    assert float(tie_variance(t + 0.2, t)) == pytest.approx(0.0, abs=1e-9)
+    drift = t + torch.where(t == 0.6, torch.linspace(-0.05, 0.05, 16)[:, None].expand(16, 16), torch.zeros(16, 16))
+    floor = (t == 0.6)[0]
+    expected = float(drift[0][floor].var(unbiased=False)) * float(floor.float().mean())
+    assert float(tie_variance(drift, t)) == pytest.approx(expected, rel=1e-5)
+    assert float(tie_variance(drift, t, min_fraction=0.95)) == 0.0  # the floor is 94 % of the pixels
+    p = drift.clone().requires_grad_()
+    tie_variance(p, t).backward()
+    assert p.grad[0][floor].abs().sum() > 0 and p.grad[0][~floor].abs().sum() == 0
+    out = torch.zeros(1, 3, 16, 16)
+    out[:, 2] = torch.logit(drift.clamp(0.01, 0.99))
+    ones = torch.ones(1, 16, 16)
+    on = dense_loss(out, ones * 0, ones, ones * 5, t, grad_weight=0.0, tie_weight=50.0)
+    off = dense_loss(out, ones * 0, ones, ones * 5, t, grad_weight=0.0, tie_weight=0.0)
+    assert float(on["shading_tie"]) > 0 and float(off["shading_tie"]) == 0
+    assert float(on["total"] - off["total"]) == pytest.approx(50.0 * float(on["shading_tie"]), rel=1e-4)
+
+
 def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     """--init-from: zero training steps' worth of change (lr 0) leaves the shipped weights as they were,
     and the card names where the run started."""
@@ -328,6 +353,7 @@ def test_training_job_smoke(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [["--vgg-widths", "4,4,4"], ["--shading-grad-weight", "-1"],
+                                  ["--shading-tie-weight", "nan"],
                                   ["--init-from", "no/such/folder"], ["--classifier-from", "no/such/folder"],
                                   ["--init-from", "SHIPPED", "--dense-widths", "8,8,8"],
                                   ["--classifier-from", "SHIPPED", "--classifier-size", "128"]])

@@ -67,6 +67,10 @@ SKY_WEIGHT = 0.25  # weight of sky pixels in the depth loss (their label is the 
 # there is ranked at random within the tie. Matching gradients asks for flat where the label is flat.
 SHADING_GRAD_WEIGHT = 4.0
 GRAD_SCALES = (1, 2, 4, 8)
+# Weight of the shading tie loss (`tie_variance`): gradient matching sees a slow drift across the floor
+# only as tiny per-pixel differences, yet the drift is what ranks the tied floor pixels (0 = off).
+SHADING_TIE_WEIGHT = 0.0
+TIE_MIN_FRACTION = 0.01  # a label value held by at least this share of an image's pixels is a tie
 FP16_TOLERANCE = 1e-3  # a model ships in fp16 when no held-out figure moves by more than this
 
 
@@ -166,10 +170,29 @@ def gradient_matching(pred: torch.Tensor, target: torch.Tensor, scales=GRAD_SCAL
     return total / len(scales)
 
 
+def tie_variance(pred: torch.Tensor, target: torch.Tensor, min_fraction: float = TIE_MIN_FRACTION) -> torch.Tensor:
+    """Mean over images [N, H, W] of the prediction's spread inside the label's ties: for every value the
+    label takes on at least `min_fraction` of an image's pixels (the evenly lit floor, a shadow, the sky),
+    the squared deviation of pred from its mean there, summed and divided by the image's pixel count.
+    Zero only where the prediction is constant wherever the label is, whatever that constant is (the
+    level is left to the per-pixel loss)."""
+    n = pred.shape[0]
+    total = pred.new_zeros(())
+    for p, t in zip(pred.reshape(n, -1), target.reshape(n, -1), strict=True):
+        values, inverse, counts = torch.unique(t, return_inverse=True, return_counts=True)
+        tied = (counts >= min_fraction * t.numel())[inverse]
+        if not bool(tied.any()):
+            continue
+        means = p.new_zeros(len(values)).index_add(0, inverse, p) / counts.to(p.dtype)
+        total = total + (p - means[inverse])[tied].square().sum() / t.numel()
+    return total / n
+
+
 def dense_loss(out: torch.Tensor, mask, valid, depth, shading,
-               grad_weight: float = SHADING_GRAD_WEIGHT) -> dict[str, torch.Tensor]:
+               grad_weight: float = SHADING_GRAD_WEIGHT, tie_weight: float = SHADING_TIE_WEIGHT) -> dict[str, torch.Tensor]:
     """BCE for foreground; shift-invariant weighted MSE of log inverse depth (sky at the far plane,
-    weighted SKY_WEIGHT); soft-target BCE for shading plus `grad_weight` × its gradient matching."""
+    weighted SKY_WEIGHT); soft-target BCE for shading plus `grad_weight` × its gradient matching and
+    `tie_weight` × its spread inside the label's ties."""
     fg = F.binary_cross_entropy_with_logits(out[:, 0], mask)
     w = torch.where(valid > 0, 1.0, SKY_WEIGHT)
     r = out[:, 1] - torch.log(1.0 / depth)
@@ -177,11 +200,13 @@ def dense_loss(out: torch.Tensor, mask, valid, depth, shading,
     dep = ((w * r * r).sum((1, 2)) / w.sum((1, 2))).mean()
     sh = F.binary_cross_entropy_with_logits(out[:, 2], shading)
     grad = gradient_matching(torch.sigmoid(out[:, 2]), shading) if grad_weight else out.new_zeros(())
-    return {"foreground": fg, "depth": dep, "shading": sh, "shading_grad": grad,
-            "total": fg + dep + sh + grad_weight * grad}
+    tie = tie_variance(torch.sigmoid(out[:, 2]), shading) if tie_weight else out.new_zeros(())
+    return {"foreground": fg, "depth": dep, "shading": sh, "shading_grad": grad, "shading_tie": tie,
+            "total": fg + dep + sh + grad_weight * grad + tie_weight * tie}
 
 
-def train_dense(model, data, steps, batch, lr, seed, progress=True, grad_weight: float = SHADING_GRAD_WEIGHT) -> dict:
+def train_dense(model, data, steps, batch, lr, seed, progress=True, grad_weight: float = SHADING_GRAD_WEIGHT,
+                tie_weight: float = SHADING_TIE_WEIGHT) -> dict:
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng([seed, 1])
@@ -204,7 +229,7 @@ def train_dense(model, data, steps, batch, lr, seed, progress=True, grad_weight:
         valid = torch.from_numpy(take("valid").astype(np.float32))
         depth = torch.from_numpy(take("depth").astype(np.float32))
         shading = torch.from_numpy(take("shading").astype(np.float32))
-        losses = dense_loss(model(x), mask, valid, depth, shading, grad_weight)
+        losses = dense_loss(model(x), mask, valid, depth, shading, grad_weight, tie_weight)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         opt.step()
@@ -430,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "architecture options must match its config.json; default: random initialisation)")
     p.add_argument("--shading-grad-weight", type=float, default=SHADING_GRAD_WEIGHT,
                    help=f"weight of the shading gradient-matching loss; 0 = BCE only (default: {SHADING_GRAD_WEIGHT:g})")
+    p.add_argument("--shading-tie-weight", type=float, default=SHADING_TIE_WEIGHT,
+                   help="weight of the shading tie loss: the prediction's spread where the label is one value "
+                        f"(the evenly lit floor, a shadow, the sky); 0 = off (default: {SHADING_TIE_WEIGHT:g})")
     p.add_argument("--eval-blur", type=float, action="append", default=None,
                    help="also evaluate on renders blurred by this sigma in pixels; repeatable (default: 1.5 and 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
@@ -494,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--init-from: {args.init_from} lacks {DENSE_FILE} or {CLASSIFIER_FILE}")
     if not (math.isfinite(args.shading_grad_weight) and args.shading_grad_weight >= 0):
         p.error(f"--shading-grad-weight: a finite weight ≥ 0, got {args.shading_grad_weight}")
+    if not (math.isfinite(args.shading_tie_weight) and args.shading_tie_weight >= 0):
+        p.error(f"--shading-tie-weight: a finite weight ≥ 0, got {args.shading_tie_weight}")
     if len(args.vgg_widths) != 5:
         p.error("--vgg-widths: VGG-16 has five stages, give five widths")
     if args.out.exists() and not args.out.is_dir():
@@ -523,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_stats = kept["dense"]
     else:
         dense_stats = train_dense(dense, train, args.dense_steps, args.batch, args.lr, args.seed, progress,
-                                  args.shading_grad_weight)
+                                  args.shading_grad_weight, args.shading_tie_weight)
     wall["dense"] = dense_stats["wall_s"]
     if "classifier" in kept:
         cls_stats = kept["classifier"]
