@@ -382,7 +382,10 @@ def test_compiled_own_target_is_an_exact_no_op():
 
 
 def test_depth_variant(runner):
-    depth = runner.run(PROMPT, SEED, iv.InterventionSpec(property="depth", dx=-24, iterations=64), SETTINGS)
+    # The default 128 iterations: Adam's momentum overshoots early on when earlier layers' edits at the same
+    # step have moved this layer's target (relative-depth bank: 5 of 48 losses end higher after 32
+    # iterations, 1 after 64, none after 128).
+    depth = runner.run(PROMPT, SEED, iv.InterventionSpec(property="depth", dx=-24), SETTINGS)
     rep = depth.success["representation"]
     assert len(depth.layers) == 16 and depth.edit_steps == [0, 1, 2]
     assert rep["rmse_to_target"] < rep["rmse_baseline"]
@@ -526,7 +529,9 @@ def test_study_depth_target_is_minmax_scaled_to_nine_with_edge_fill(runner, tiny
         assert float((o.target - s.target).abs().max()) > 1.0  # ours is not rescaled
         torch.testing.assert_close(w.target, o.target)
         own = raw_output(s.probe, unedited[s.layer])
-        assert float((o.target.reshape(h, wd)[:, edge + 1:] - own.reshape(h, wd)[:, 1:wd - edge]).abs().max()) < 1e-4
+        # the covered part is the unedited map shifted (float32 rounding relative to outputs of up to ~300)
+        torch.testing.assert_close(o.target.reshape(h, wd)[:, edge + 1:], own.reshape(h, wd)[:, 1:wd - edge],
+                                   atol=1e-4, rtol=1e-5)
 
     # a zero shift is then not a no-op (the rescale changes the map), as in the study
     _, zero, _ = _depth_targets(runner, tiny, iv.InterventionSpec(property="depth", protocol="study"))
