@@ -186,6 +186,7 @@ def test_scenes_label_source(shipped, renders):
 
 
 def test_fit_and_report_accept_scenes_labels(tmp_path):
+    from training.data import DepthPerImage
     from training.fit import _sources, build_parser
     from training.labels import LabelError, SceneLabelModels
     from training.recipes import resolve
@@ -199,7 +200,8 @@ def test_fit_and_report_accept_scenes_labels(tmp_path):
     for spec, protocol in (("scenes:", "ldmprobe"), ("scenes", "study"), (f"scenes:{SCENES_LABELS_DIR}", "ldmprobe")):
         args = build_parser().parse_args([*base, "--labels", spec, "--protocol", protocol])
         train, test = _sources(args, resolve(args), sampler, None, ("mid.0",))
-        (src,) = train.sources
+        assert isinstance(train, DepthPerImage) == (protocol == "ldmprobe")  # --depth-norm image wraps it
+        (src,) = (train.source if isinstance(train, DepthPerImage) else train).sources
         assert isinstance(src, SceneLabelModels) and src.source == str(SCENES_LABELS_DIR)
         seen[spec] = src.mask_threshold
     assert seen == {"scenes:": 127, "scenes": 0, f"scenes:{SCENES_LABELS_DIR}": 127}
