@@ -100,4 +100,4 @@ def resolve(args) -> JobOptions:
         mask_threshold=protocol.mask_threshold if args.mask_threshold is None else args.mask_threshold,
         prompt_encoding=args.prompt_encoding or protocol.prompt_encoding,
         probe_init=protocol.probe_init, mask_head=protocol.mask_head, label_norm=protocol.label_norm,
-        depth_norm=getattr(args, "depth_norm", None) or protocol.depth_norm)
+        depth_norm=args.depth_norm or protocol.depth_norm)
