@@ -351,6 +351,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+# How the fit job's --depth-norm is said in report.md.
+DEPTH_NORM_NOTES = {
+    "image": "Depth is fitted and scored as relative depth (`--depth-norm image`: each image's map at zero mean, "
+             "unit variance; RMSE in those units). ",
+    "none": "Depth is fitted and scored in the label's own values (`--depth-norm none`). ",
+}
+
+
 def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
     lines = [f"# The study on `{args.model}`", "",
              f"`python -m training.study {' '.join(sys.argv[1:]) if args.argv is None else ' '.join(args.argv)}`", ""]
@@ -371,9 +379,7 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
                          f"{_fmt(best.get('value'))} | {_fmt(final.get('value'))} ({final.get('layer')}) | {_fmt(base)} |")
     job = args.out / "generated" / "job.json"
     depth_norm = (json.loads(job.read_text()).get("options") or {}).get("depth_norm") if job.is_file() else None
-    norm = ("Depth is fitted and scored as relative depth (`--depth-norm image`: each image's map at zero mean, "
-            "unit variance; RMSE in those units). " if depth_norm == "image" else
-            "Depth is fitted and scored in the label's own values (`--depth-norm none`). " if depth_norm else "")
+    norm = DEPTH_NORM_NOTES.get(depth_norm, "")
     lines += ["", "Generated mode = the study's protocol: labels are the label models' outputs on the final image. "
               "Noised mode: exact labels of renders, the render noised to each step. " + norm, "",
               "## Emergence: probes vs the label models on each step's decoded image", "",
