@@ -37,6 +37,11 @@ class Protocol:
     # relative depth, free of scale and shift as MiDaS predicts it and as the per-image Spearman scores it;
     # "none" keeps the label source's values (the study: MiDaS's output under one fixed normalisation).
     depth_norm: str
+    # How a probe's layer-resolution map is brought to image size, for scoring and for image-size maps:
+    # "nearest" (the study: each layer pixel a block) or "bilinear" (the usual for linear probes of dense
+    # features; +0.04 depth Spearman and Dice on the scenes model, README "Study protocol" item 14).
+    # Probes are fitted at layer resolution either way.
+    upsample: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,10 +50,10 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "ldmprobe": Protocol("ldmprobe", timestep_spacing="study", latent_dtype="float32", mask_threshold=127,
                          prompt_encoding="utf-8", fit_method="ridge", probe_init="zeros", mask_head="logit",
-                         label_norm="fitted", depth_norm="image"),
+                         label_norm="fitted", depth_norm="image", upsample="bilinear"),
     "study": Protocol("study", timestep_spacing="study", latent_dtype="float32", mask_threshold=0,
                       prompt_encoding="iso-8859-1", fit_method="reference", probe_init="linear-default",
-                      mask_head="two-class", label_norm="study", depth_norm="none"),
+                      mask_head="two-class", label_norm="study", depth_norm="none", upsample="nearest"),
 }
 
 

@@ -72,6 +72,29 @@ def test_known_answer_probes_beat_trivial_baselines(known_answer, tiny):
     assert csv_lines[0] == "property,layer,step,metric,value,n_images,n_undefined" and len(csv_lines) == len(rows) + 1
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_scores_use_the_banks_upsampling(mode):
+    """The job scores each probe's map brought to image size as its bank says (the protocol's
+    `upsample`): a 2×2 map of 0…3 against its own bilinear 8×8 upsampling ranks every pixel right
+    only when bilinearly upsampled; nearest ties each 4×4 block."""
+    from training.data import Batch
+    from training.fit import Dist, evaluate
+
+    bank = ProbeBank("test", {"L": (1, 2, 2)}, image_size=(8, 8), upsample=mode)
+    bank.add("depth", "L", 0, torch.ones(1))
+    acts = torch.arange(4.0).reshape(1, 1, 4, 1)  # [N, S, h·w, C]
+    label = torch.nn.functional.interpolate(acts.reshape(1, 1, 2, 2), size=(8, 8), mode="bilinear",
+                                            align_corners=False)[:, 0]
+
+    class Source:
+        def batch(self, ids):
+            return Batch(ids, torch.zeros(1, 3, 8, 8), {"depth": label}, {"L": acts})
+
+    sums = evaluate(bank, Source(), ["a"], ["depth"], ["L"], 1, 1, Dist(), {"depth": 0.0}, False)
+    rho = next(r["value"] for r in sums.rows() if r["layer"] == "L" and r["metric"] == "spearman")
+    assert (rho > 0.9999) == (mode == "bilinear") and rho > 0.8
+
+
 def test_small_run_outputs(tmp_path, tiny):
     out = tmp_path / "run"
     assert main(["--scenes", "10", "--shard-size", "4", "--out", str(out), *SMALL]) == 0
@@ -85,6 +108,7 @@ def test_small_run_outputs(tmp_path, tiny):
     assert bank.probe("shading", "dec4.0", 3).mean[0] > 0  # other properties keep their values
     job = json.loads((out / "job.json").read_text())
     assert job["options"]["depth_norm"] == "image" and job["source"]["depth_norm"] == "image"
+    assert job["options"]["upsample"] == bank.upsample == "bilinear"  # scored and drawn bilinearly
     assert job["model_identity"] == tiny.identity and job["method"] == "ridge"
     assert (job["protocol"], job["recipe"]) == ("ldmprobe", "ridge") and bank.extra["protocol"] == "ldmprobe"
     assert job["timesteps"] == bank.extra["timesteps"] == list(np.linspace(0, 999, 4)[::-1])
@@ -234,11 +258,13 @@ def test_study_protocol_job_records_and_applies_the_studys_choices(tmp_path, tin
     opts = job["options"]
     assert (opts["mask_threshold"], opts["prompt_encoding"], opts["label_norm"]) == (0, "iso-8859-1", "study")
     assert opts["depth_norm"] == "none" and "depth_norm" not in job["source"]  # MiDaS's values, as the study
+    assert opts["upsample"] == "nearest"  # each layer pixel a block, as the study
     assert (opts["mask_head"], opts["probe_init"], opts["lr"], opts["epochs"]) == ("two-class", "linear-default",
                                                                                    1e-3, 1)
     assert job["timesteps"] == [999.0, 0.0] and job["timestep_spacing"] == "linspace"
     bank = ProbeBank.load(out / "bank.safetensors", tiny)
     assert bank.extra["protocol"] == "study" and bank.extra["timesteps"] == job["timesteps"]
+    assert bank.upsample == "nearest"
     assert bank.fit == {"method": "reference", "recipe": "reference", "protocol": "study"}
     fg, depth = bank.probe("foreground", "dec4.0", 1), bank.probe("depth", "dec4.0", 1)
     assert fg.sigmoid and fg.fit["mask_head"] == "two-class" and depth.fit["label_norm"] == "study"

@@ -103,6 +103,40 @@ def test_apply_matches_per_probe_reference(tiny, acts, size, mode):
     assert out.metadata()["probe_backend"] == "torch"
 
 
+def test_bank_upsampling_is_recorded_and_is_the_default(tmp_path, tiny, acts):
+    """A bank records how its maps were scored (`upsample`, set by the fitting job's protocol);
+    apply() draws image-size maps that way unless told otherwise. A file without the key (written
+    before it existed) reads as nearest, and an unknown mode is refused."""
+    bank = full_bank(tiny)
+    assert bank.upsample == "nearest" and bank.metadata()["upsample"] == "nearest"
+    bilinear = ProbeBank.random(tiny, steps=(0,), seed=3, upsample="bilinear")
+    loaded = ProbeBank.load(bilinear.save(tmp_path / "bilinear.safetensors"), tiny)
+    assert loaded.upsample == "bilinear" and loaded.metadata() == bilinear.metadata()
+    out = loaded.apply(acts, 0, size=(128, 128), backend="torch")
+    assert out.metadata()["probe_upsample"] == "bilinear"
+    for (prop, layer), got in out.items():
+        torch.testing.assert_close(got, reference(loaded, acts, 0, prop, layer, (128, 128), "bilinear"),
+                                   rtol=1e-5, atol=1e-5)
+    assert loaded.apply(acts, 0, size=(128, 128), mode="nearest").mode == "nearest"  # an explicit mode wins
+    # A file written before the key existed: its metadata lacks it, its checksum covers what it holds.
+    from ldmprobe.probes.format import _checksum
+
+    path = tmp_path / "old.safetensors"
+    bilinear.save(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(json.loads(f.read(n))["__metadata__"][METADATA_KEY])
+    del meta["upsample"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    meta["checksum"] = _checksum(meta, tensors)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    assert ProbeBank.load(path, tiny).upsample == "nearest"
+    with pytest.raises(ProbeBankError, match="upsample must be one of nearest, bilinear"):
+        ProbeBank.random(tiny, steps=(0,), upsample="bicubic")
+
+
 def test_subset_selection(tiny, acts):
     bank = full_bank(tiny)
     out = bank.apply(acts, 1, properties=["depth"], layers=["dec4.0", "mid.0"])

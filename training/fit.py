@@ -240,8 +240,8 @@ def per_image_metrics(pred: torch.Tensor, target: torch.Tensor, kind: str) -> di
 
 def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: list[str], steps: int,
              shard_size: int, d: Dist, train_means: dict[str, float], progress: bool) -> MetricSums:
-    """Score every probe on the test images at image resolution (nearest upsampling, as the
-    study), through the batched probe-head path; plus the trivial baselines: the all-background
+    """Score every probe on the test images at image resolution (upsampled as the bank says: the
+    protocol's `upsample`, nearest as the study), through the batched probe-head path; plus the trivial baselines: the all-background
     mask and the training mean."""
     from tqdm.auto import tqdm
 
@@ -332,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth labels as fitted and scored: image = each map standardised (zero mean, unit variance: "
                         "relative depth, as MiDaS predicts it); none = the label source's values (default: the "
                         "protocol's: image, none under --protocol study)")
+    p.add_argument("--upsample", choices=["nearest", "bilinear"], default=None,
+                   help="how probe maps reach image size for scoring and in the bank's image-size maps (probes are "
+                        "fitted at layer resolution either way; default: the protocol's: bilinear, nearest under "
+                        "--protocol study)")
     p.add_argument("--val-every", type=int, default=5,
                    help="every Nth training image is held out to choose λ (default: 5)")
     p.add_argument("--shard-size", type=int, default=8, help="images per checkpointed shard (default: 8)")
@@ -507,7 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                split={"train": len(ids), "val_every": args.val_every, "test": len(test_src.ids)},
                                fit={"method": opts.method, "recipe": opts.recipe, "protocol": opts.protocol},
                                extra={"protocol": opts.protocol, "recipe": opts.recipe, "options": opts.as_dict(),
-                                      **schedule})
+                                      **schedule}, upsample=opts.upsample)
     fit_started = time.perf_counter()
     if opts.method == "reference":
         acc.add_moments(torch.cat(kept["labels"]))

@@ -65,6 +65,7 @@ class JobOptions:
     mask_head: str
     label_norm: str
     depth_norm: str
+    upsample: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,4 +101,5 @@ def resolve(args) -> JobOptions:
         mask_threshold=protocol.mask_threshold if args.mask_threshold is None else args.mask_threshold,
         prompt_encoding=args.prompt_encoding or protocol.prompt_encoding,
         probe_init=protocol.probe_init, mask_head=protocol.mask_head, label_norm=protocol.label_norm,
-        depth_norm=args.depth_norm or protocol.depth_norm)
+        depth_norm=args.depth_norm or protocol.depth_norm,
+        upsample=args.upsample or protocol.upsample)

@@ -357,6 +357,12 @@ DEPTH_NORM_NOTES = {
              "unit variance; RMSE in those units). ",
     "none": "Depth is fitted and scored in the label's own values (`--depth-norm none`). ",
 }
+# How the fit job's --upsample is said in report.md.
+UPSAMPLE_NOTES = {
+    "bilinear": "Probe maps are scored at image size after bilinear upsampling (`--upsample bilinear`; fitted at "
+                "layer resolution). ",
+    "nearest": "Probe maps are scored at image size after nearest upsampling (`--upsample nearest`, as the study). ",
+}
 
 
 def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
@@ -378,8 +384,8 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
             lines.append(f"| {mode} | {prop} | {s['metric']} | {best.get('layer')} | {best.get('step')} | "
                          f"{_fmt(best.get('value'))} | {_fmt(final.get('value'))} ({final.get('layer')}) | {_fmt(base)} |")
     job = args.out / "generated" / "job.json"
-    depth_norm = (json.loads(job.read_text()).get("options") or {}).get("depth_norm") if job.is_file() else None
-    norm = DEPTH_NORM_NOTES.get(depth_norm, "")
+    options = (json.loads(job.read_text()).get("options") or {}) if job.is_file() else {}
+    norm = DEPTH_NORM_NOTES.get(options.get("depth_norm"), "") + UPSAMPLE_NOTES.get(options.get("upsample"), "")
     lines += ["", "Generated mode = the study's protocol: labels are the label models' outputs on the final image. "
               "Noised mode: exact labels of renders, the render noised to each step. " + norm, "",
               "## Emergence: probes vs the label models on each step's decoded image", "",

@@ -26,7 +26,7 @@ import torch
 
 from ..layers import LayerRegistry
 from .format import CAPTURE_POINT, FORMAT, VERSION, BankFile, LayerShape, ProbeBankError
-from .heads import ProbeHeads
+from .heads import MODES, ProbeHeads
 
 KINDS = ("mask", "continuous")
 # The study's three properties: how `random` (and callers that want defaults) set them up.
@@ -104,7 +104,14 @@ class ProbeBank(BankFile, ProbeHeads):
                  image_size: tuple[int, int] | None = None, scheduler: str | None = None,
                  num_steps: int | None = None, capture_point: str = CAPTURE_POINT, half: str = "cond",
                  label_sources: Mapping[str, Any] | None = None, split: Any = None,
-                 fit: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None):
+                 fit: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                 upsample: str = "nearest"):
+        """upsample: how `apply(size=…)` brings maps to image size unless told otherwise ("nearest"
+        or "bilinear"): the fitting job's protocol sets it and the bank file records it, so the
+        service draws maps the way they were scored."""
+        if upsample not in MODES:
+            raise ProbeBankError(f"upsample must be one of {', '.join(MODES)}, got {upsample!r}")
+        self.upsample = upsample
         self.identity = str(identity)
         if isinstance(layers, LayerRegistry):
             self.layer_shapes = {s.name: LayerShape(s.channels, s.height, s.width) for s in layers}
@@ -258,6 +265,7 @@ class ProbeBank(BankFile, ProbeHeads):
             "num_steps": self.num_steps, "image_size": list(self.image_size) if self.image_size else None,
             "layers": {n: s._asdict() for n, s in self.layer_shapes.items()},
             "label_sources": self.label_sources, "split": self.split, "fit": self.fit, "extra": self.extra,
+            "upsample": self.upsample,
         }
 
     # --- policy -------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ class BankFile:
                        scheduler=meta.get("scheduler"), num_steps=meta.get("num_steps"),
                        capture_point=meta.get("capture_point", CAPTURE_POINT), half=meta.get("half", "cond"),
                        label_sources=meta.get("label_sources"), split=meta.get("split"), fit=meta.get("fit"),
-                       extra=meta.get("extra"))
+                       extra=meta.get("extra"), upsample=meta.get("upsample", "nearest"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProbeBankError(f"{where}: incomplete metadata ({type(exc).__name__}: {exc})") from exc
         stored = [k for k in header if k != "__metadata__"]

@@ -102,6 +102,7 @@ class ProbeService(Service):
             "model_identity": bank.identity, "scheduler": bank.scheduler, "num_steps": bank.num_steps,
             "image_size": list(bank.image_size) if bank.image_size else None, "contents": bank.describe(),
             "default_layers": {p: layer for p, (layer, _) in self.defaults.items()},
+            "upsample": bank.upsample,  # how map_size "image" maps are drawn
         }
 
     @classmethod
@@ -234,7 +235,7 @@ class ProbeService(Service):
                 probe = self.bank.probe(prop, layer, j)
                 y = maps[(prop, layer)][row:row + 1]
                 if req.map_size == "image":
-                    y = upsample(y, (plan.height, plan.width))
+                    y = upsample(y, (plan.height, plan.width), self.bank.upsample)
                 entry = self.map_entry(prop, layer, probe, y[0], req.format)
                 entries.append(entry)
                 key = f"{prop}_fraction" if probe.kind == "mask" else f"{prop}_mean"

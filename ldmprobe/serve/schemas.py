@@ -68,7 +68,8 @@ class ProbeRequest(GenerationSettings):
     - properties: default all the bank's properties.
     - return_steps: step indices 0…steps-1 whose maps to return, "last" (default) or "all".
     - format: probe maps as PNG (viewing), float16 arrays (analysis) or both.
-    - map_size: maps at the probed layer's resolution (default) or upsampled to the image's.
+    - map_size: maps at the probed layer's resolution (default) or upsampled to the image's, as
+      the bank's protocol scored them (`bank.upsample`: bilinear, or nearest for study banks).
     - stream: one chunk per denoising step as it is computed (newline-delimited JSON).
     """
 
