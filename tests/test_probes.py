@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldmprobe.layers import LayerRegistry
 from ldmprobe.models import config_identity, sd_v1_4_config
 from ldmprobe.probes import METADATA_KEY, ProbeBank, ProbeBankError
+from ldmprobe.probes.format import _checksum
 from ldmprobe.schemas import GenerationSettings
 
 
@@ -119,16 +120,12 @@ def test_bank_upsampling_is_recorded_and_is_the_default(tmp_path, tiny, acts):
                                    rtol=1e-5, atol=1e-5)
     assert loaded.apply(acts, 0, size=(128, 128), mode="nearest").mode == "nearest"  # an explicit mode wins
     # A file written before the key existed: its metadata lacks it, its checksum covers what it holds.
-    from ldmprobe.probes.format import _checksum
-
     path = tmp_path / "old.safetensors"
     bilinear.save(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(json.loads(f.read(n))["__metadata__"][METADATA_KEY])
     del meta["upsample"]
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path))
     meta["checksum"] = _checksum(meta, tensors)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})

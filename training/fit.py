@@ -240,9 +240,9 @@ def per_image_metrics(pred: torch.Tensor, target: torch.Tensor, kind: str) -> di
 
 def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: list[str], steps: int,
              shard_size: int, d: Dist, train_means: dict[str, float], progress: bool) -> MetricSums:
-    """Score every probe on the test images at image resolution (upsampled as the bank says: the
-    protocol's `upsample`, nearest as the study), through the batched probe-head path; plus the trivial baselines: the all-background
-    mask and the training mean."""
+    """Score every probe on the test images at image resolution (maps upsampled as the bank says:
+    the protocol's `upsample`; nearest for the study), through the batched probe-head path; plus
+    the trivial baselines: the all-background mask and the training mean."""
     from tqdm.auto import tqdm
 
     sums = MetricSums()

@@ -190,10 +190,10 @@ class ProbeHeads:
               pairs: Iterable[tuple[str, str]] | None = None) -> ProbeMaps:
         """Evaluate the bank's probes of one step on captured activations ({layer: [rows, H·W, C]})
         in ONE grouped_linear call (a group per layer); maps come back at layer resolution, or
-        upsampled to ``size`` (pixels) with ``mode`` (default: the bank's `upsample`). properties/layers
-        select a subset (default: every probe of the step on the layers present), or ``pairs`` names exactly the
-        (property, layer) probes to run; ``registry`` gives the layers' H×W for images of another
-        size than the bank's."""
+        upsampled to ``size`` (pixels) with ``mode`` (default: the bank's `upsample`).
+        properties/layers select a subset (default: every probe of the step on the layers present),
+        or ``pairs`` names exactly the (property, layer) probes to run; ``registry`` gives the
+        layers' H×W for images of another size than the bank's."""
         mode = self.upsample if mode is None else mode
         if mode not in MODES:
             raise ProbeBankError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
