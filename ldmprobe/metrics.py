@@ -32,6 +32,7 @@ __all__ = [
     "rankdata",
     "rmse",
     "spearman",
+    "spearman_ceiling",
     "summarize",
 ]
 
@@ -139,6 +140,24 @@ def spearman(pred: Tensor, target: Tensor) -> Tensor:
     """
     p, t = _pair(pred, target)
     return _pearson_rows(rankdata(p), rankdata(t))
+
+
+def spearman_ceiling(target: Tensor) -> Tensor:
+    """Per-image best Spearman rho that a map without ties can reach against ``target``, [N] float64.
+
+    Exact labels tie: a flat floor under one directional light has one shading value, every shadow
+    0, the sky 1. A prediction's order inside a tie group does not change rho (the group's target
+    rank is one number), but its distinct values spread the group over several ranks, so any
+    tie-free map, the exact label with its ties broken included, stays below 1. This is the
+    target's own ordinal ranks (ties broken by position) against its average ranks; 1 where the
+    target has no ties, NaN where it is constant or has NaN (as :func:`spearman`).
+    """
+    _check_real(target, "target", floating=False)
+    t = _flatten(target, "target")
+    order = torch.sort(t, dim=-1, stable=True).indices
+    positions = torch.arange(1, t.shape[-1] + 1, dtype=torch.float64, device=t.device).expand_as(t)
+    ordinal = torch.empty_like(t).scatter_(-1, order, positions)
+    return _pearson_rows(ordinal, rankdata(t)).masked_fill(_any_nan(t), math.nan)
 
 
 def rmse(pred: Tensor, target: Tensor) -> Tensor:

@@ -126,6 +126,31 @@ def test_spearman_pearson_property_ties(pt):
     assert_same(M.pearson(p, t), _ref_rows(_pearson_ref, p, t))
 
 
+def test_spearman_ceiling_known_values():
+    """[0, 0, 1]: ordinal ranks 1, 2, 3 against average ranks 1.5, 1.5, 3 give 1.5 / sqrt(2 * 1.5)."""
+    t = torch.tensor([[0.0, 0.0, 1.0], [3.0, 1.0, 2.0], [2.0, 2.0, 2.0], [0.0, math.nan, 1.0]])
+    c = M.spearman_ceiling(t)
+    assert c[0].item() == pytest.approx(1.5 / math.sqrt(3.0), abs=1e-12)
+    assert c[1].item() == pytest.approx(1.0, abs=1e-12)  # no ties: a perfect map reaches 1
+    assert math.isnan(c[2].item()) and math.isnan(c[3].item())  # constant, NaN: undefined, as spearman
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float64, (3, 12), elements=st.integers(-2, 2).map(float)),
+       hnp.arrays(np.float64, (3, 12), elements=st.floats(-1, 1)))
+def test_spearman_ceiling_bounds_every_tie_free_map(target, noise):
+    """The ceiling equals scipy's rho of the target with its ties broken by any jitter, and no map
+    without ties (the jittered target, or noise) scores above it."""
+    t = torch.from_numpy(target)
+    ceiling = M.spearman_ceiling(t).numpy()
+    jittered = target + 1e-6 * np.argsort(np.argsort(noise, axis=1), axis=1)
+    assert_same(torch.from_numpy(ceiling), _ref_rows(_spearman_ref, jittered, target))
+    distinct = np.array([len(set(row)) == len(row) for row in noise])
+    rho = _ref_rows(_spearman_ref, noise, target)
+    ok = np.isnan(ceiling) | ~distinct | (rho <= ceiling + 1e-12)
+    assert ok.all()
+
+
 def test_nan_pixel_gives_nan_image():
     p, t = _batch(3)
     p[5, 0, 0] = math.nan

@@ -85,10 +85,12 @@ def test_tables_equal_metrics_json(run_dir, report):
             with open(out / "tables" / f"{prop}_{metric}.csv", newline="") as f:
                 table = list(csv.reader(f))
             assert table[0] == ["layer", *(f"step_{s}" for s in range(STEPS))]
-            assert [r[0] for r in table[1:]] == [*LAYERS, "baseline"]
-            for r in table[1:-1]:
+            extra = ["baseline", "ceiling"] if metric == "spearman" else ["baseline"]
+            assert [r[0] for r in table[1:]] == [*LAYERS, *extra]
+            for r in table[1:len(LAYERS) + 1]:
                 assert all(_same(_cell(v), value[(prop, r[0], s, metric)]) for s, v in enumerate(r[1:]))
-            assert all(_same(_cell(v), value[(prop, "baseline", -1, metric)]) for v in table[-1][1:])
+            for r in table[len(LAYERS) + 1:]:
+                assert all(_same(_cell(v), value[(prop, r[0], -1, metric)]) for v in r[1:])
             entry = nested[prop][metric]
             assert entry["primary"] == (metric == fit.PRIMARY[fit.PROPERTIES[prop]])
             assert len(entry["values"]) == len(LAYERS) and all(len(r) == STEPS for r in entry["values"])
@@ -107,6 +109,13 @@ def test_report_json_summaries(run_dir, report):
         assert s["emergence_step"] == emergence_step(range(STEPS), s["best_per_step"]["values"])
         assert s["best"]["value"] >= s["final"]["value"]
         assert s["metric"] in s["baseline"]
+    # Exact shading ties (lit floor, shadows, sky): no tie-free map reaches 1; depth barely ties.
+    ceilings = summary["ceilings"]
+    assert set(ceilings) == {"depth/spearman", "shading/spearman"}
+    assert rep["properties"]["foreground"]["ceiling"] is None
+    for prop in ("depth", "shading"):
+        assert rep["properties"][prop]["ceiling"] == pytest.approx(ceilings[f"{prop}/spearman"])
+    assert ceilings["shading/spearman"] < 0.97 < ceilings["depth/spearman"] <= 1.0
     curve = rep["properties"]["depth"]["curve_model"]
     assert curve["items"] == 1 and curve["metric"] == "spearman" and curve["steps"] == list(range(STEPS))
     assert set(curve["values"]) == {"spearman", "pearson", "rmse", "rmse_study"}

@@ -55,6 +55,9 @@ def test_reduced_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     for heading in ("## Layers", "## Best probes", "## Emergence", "## Classification", "## Intervention", "## Wall time"):
         assert heading in report
     assert report.count("| enc1 |") + report.count("Encoder 1") >= 1  # the layer table names the blocks
+    shading = next(line for line in report.splitlines() if line.startswith("| noised | shading | spearman |"))
+    ceiling = float(shading.strip(" |").split("|")[-1])  # exact shading ties: no tie-free map reaches 1
+    assert 0 < ceiling < 0.99 and "tie-free ceiling" in report
     for stage in line["wall_s"]:
         assert json.loads((out / "stages" / f"{stage}.json").read_text())["wall_s"] >= 0
     for png in ("figures/classification.png", "figures/intervention_histogram.png",

@@ -38,6 +38,7 @@ from .reference import fit_reference
 from .ridge import DEFAULT_GRID, RidgeStats, area_average, fit, fit_at, to_tokens
 
 EXIT_USAGE = 2
+REFERENCE_ROWS = ("baseline", "ceiling")  # metrics.json rows that score no probe (step -1)
 TEST_SEED_OFFSET = 1_000_000  # test scenes never share a seed with training scenes
 PRIMARY = ProbeBank.PRIMARY_METRIC  # kind → the metric that ranks probes: the bank's policy
 # rmse_study: RMSE in the study's normalised units, (x - 15.740597) / 9.281932 (its fixed MiDaS
@@ -242,13 +243,19 @@ def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: 
              shard_size: int, d: Dist, train_means: dict[str, float], progress: bool) -> MetricSums:
     """Score every probe on the test images at image resolution (maps upsampled as the bank says:
     the protocol's `upsample`; nearest for the study), through the batched probe-head path; plus
-    the trivial baselines: the all-background mask and the training mean."""
+    the trivial baselines: the all-background mask and the training mean; and, for continuous
+    properties, the `ceiling`: the best Spearman any map without ties could reach against labels
+    that tie (exact shading: a flat lit floor, shadows, the sky)."""
     from tqdm.auto import tqdm
+
+    from ldmprobe.metrics import spearman_ceiling
 
     sums = MetricSums()
     for prop in props:
         names = METRICS[PROPERTIES[prop]]
         sums.ensure(prop, "baseline", -1, names)
+        if PROPERTIES[prop] != "mask":
+            sums.ensure(prop, "ceiling", -1, ["spearman"])
         for layer in layers:
             for s in range(steps):
                 sums.ensure(prop, layer, s, names)
@@ -265,6 +272,8 @@ def evaluate(bank: ProbeBank, source, ids: list[str], props: list[str], layers: 
             target = batch.labels[prop]
             const = torch.full_like(target, 0.0 if PROPERTIES[prop] == "mask" else train_means[prop])
             sums.add(prop, "baseline", -1, per_image_metrics(const, target, PROPERTIES[prop]))
+            if PROPERTIES[prop] != "mask":
+                sums.add(prop, "ceiling", -1, {"spearman": spearman_ceiling(target)})
     sums.reduce(d)
     return sums
 
@@ -545,13 +554,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sums = evaluate(bank, test_src, test_src.ids, props, layers, steps, args.shard_size, d, train_means, progress)
     rows = sums.rows()
     for r in rows:
-        if r["layer"] != "baseline":
+        if r["layer"] not in REFERENCE_ROWS:
             bank.probe(r["property"], r["layer"], r["step"]).metrics[r["metric"]] = r["value"]
     eval_s = time.perf_counter() - eval_started
     summary = {"job": job, "train_images": len(ids), "test_images": len(test_src.ids), "resumed_shards": resumed,
                "world_size": d.world, "timings_s": {"extract": round(extract_s, 2), "fit": round(fit_s, 3),
                                                     "evaluate": round(eval_s, 2)},
                "baselines": {r["property"] + "/" + r["metric"]: r["value"] for r in rows if r["layer"] == "baseline"},
+               "ceilings": {r["property"] + "/" + r["metric"]: r["value"] for r in rows if r["layer"] == "ceiling"},
                "best": best_probes(rows, props)}
     if d.main:
         bank.save(out / "bank.safetensors")
@@ -607,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if int(os.environ.get("RANK", "0")) == 0:
         print_line({"bank": str(args.out / "bank.safetensors"), **summary["timings_s"], "best": summary["best"],
-                    "baselines": summary["baselines"]})
+                    "baselines": summary["baselines"], "ceilings": summary["ceilings"]})
     return 0
 
 

@@ -53,7 +53,7 @@ from ldmprobe.label_models import (
     build_modules,
     class_names,
 )
-from ldmprobe.metrics import dice, spearman
+from ldmprobe.metrics import dice, spearman, spearman_ceiling
 
 from .scenes import KINDS, MODEL_COLORS, MODEL_SCENES, SKY_DEPTH, render_scene
 
@@ -277,7 +277,9 @@ def train_classifier(model, data, steps, batch, lr, seed, progress=True, input_s
 def evaluate(models: LabelModels, data: dict, blur: float = 0.0) -> dict:
     """Held-out figures (means over images): foreground Dice (p > 0.5), depth Spearman over valid
     pixels (vs inverse z-depth), shading Spearman over valid pixels and over all pixels, classifier
-    top-1. `blur`: Gaussian sigma in pixels applied to the images first."""
+    top-1; and `ceiling`, what a map without ties could reach at best against the same labels (exact
+    shading is one value on a lit floor, 0 in every shadow). `blur`: Gaussian sigma in pixels
+    applied to the images first."""
     x = to_float(data["image"])
     if blur > 0:
         x = gaussian_blur(x, blur)
@@ -287,11 +289,13 @@ def evaluate(models: LabelModels, data: dict, blur: float = 0.0) -> dict:
     inv = torch.from_numpy(1.0 / data["depth"]).float()
     shading = torch.from_numpy(data["shading"]).float()
     d = dice(maps["foreground"], mask)
-    dep, sh_valid = [], []
+    dep, sh_valid, dep_ceiling, sh_ceiling = [], [], [], []
     for i in range(len(x)):
         v = valid[i]
         dep.append(float(spearman(maps["depth"][i][v][None], inv[i][v][None])[0]))
         sh_valid.append(float(spearman(maps["shading"][i][v][None], shading[i][v][None])[0]))
+        dep_ceiling.append(float(spearman_ceiling(inv[i][v][None])[0]))
+        sh_ceiling.append(float(spearman_ceiling(shading[i][v][None])[0]))
     sh_all = spearman(maps["shading"], shading)
     top1 = (models.classify(x).argmax(1).numpy() == data["label"]).astype(np.float64)
 
@@ -302,7 +306,10 @@ def evaluate(models: LabelModels, data: dict, blur: float = 0.0) -> dict:
     return {"images": int(len(x)), "blur_sigma": blur, "dice": mean(d.numpy()), "depth_spearman": mean(dep),
             "shading_spearman": mean(sh_valid), "shading_spearman_all_pixels": mean(sh_all.numpy()),
             "top1": mean(top1), "dice_min": round(float(d.min()), 4),
-            "depth_spearman_min": round(float(np.nanmin(dep)), 4)}
+            "depth_spearman_min": round(float(np.nanmin(dep)), 4),
+            # The best any map without ties could score against these labels (exact shading ties).
+            "ceiling": {"depth_spearman": mean(dep_ceiling), "shading_spearman": mean(sh_ceiling),
+                        "shading_spearman_all_pixels": mean(spearman_ceiling(shading).numpy())}}
 
 
 # ---------------------------------------------------------------- files
@@ -342,6 +349,10 @@ def _card_md(card: dict) -> str:
     rows = "\n".join(
         f"| {name} | {f[name]['dice']:.3f} | {f[name]['depth_spearman']:.3f} | {f[name]['shading_spearman']:.3f} "
         f"| {f[name]['shading_spearman_all_pixels']:.3f} | {f[name]['top1']:.3f} |" for name in f)
+    ceiling = f["clean"].get("ceiling")
+    if ceiling:  # the same labels under every row: one line
+        rows += (f"\n| *ceiling: the exact labels, ties broken* | — | {ceiling['depth_spearman']:.3f} "
+                 f"| {ceiling['shading_spearman']:.3f} | {ceiling['shading_spearman_all_pixels']:.3f} | — |")
     files = "\n".join(f"| `{n}` | {v['bytes']} | {v['dtype']} | `{v['sha256']}` |" for n, v in card["files"].items())
     targets = ", ".join(f"{k} ≥ {v}" for k, v in card["targets"].items())
     lineage = ""
@@ -389,6 +400,10 @@ Final training losses (EMA): {json.dumps(card['final_loss'])}.
 Dice of P > 0.5 vs the exact mask; Spearman per image over valid pixels (ray hit ground or object) against
 inverse z-depth and against shading, and shading over all pixels (sky included); classifier top-1.
 "blur σ" = the same renders Gaussian-blurred by σ pixels first. Targets on clean renders: {targets}.
+The ceiling row is the best Spearman any map without ties can reach against these labels: exact shading
+ties (one value on a lit floor, 0 in every shadow and on faces turned from the light, 1 for the sky), and
+the order a map gives the pixels of one tie changes nothing, but its distinct values spread them over
+several ranks. The exact label itself, its ties broken, scores the ceiling.
 
 | renders | Dice | depth Spearman | shading Spearman (valid) | shading Spearman (all) | top-1 |
 |---|---|---|---|---|---|

@@ -2,7 +2,7 @@
 
 Reads OUT/metrics.json (test-split scores of every probe, written by training.fit) and writes,
 atomically, under OUT/report (or --out):
-- tables/: per property and metric a layers × steps CSV (plus a `baseline` row), the long form
+- tables/: per property and metric a layers × steps CSV (plus `baseline` and `ceiling` rows), the long form
   of every score (CSV + JSON) and tables.json;
 - figures/: a layer × step heatmap per property, the emergence curves (best layer per step, the
   step it first reaches 90 % of its final value, the trivial baseline, and an off-the-shelf
@@ -34,7 +34,7 @@ import torch
 from ldmprobe.atomic import atomic_path, write_json
 from ldmprobe.jsonout import print_line, sanitize
 
-from .fit import PRIMARY, TEST_SEED_OFFSET, per_image_metrics
+from .fit import PRIMARY, REFERENCE_ROWS, TEST_SEED_OFFSET, per_image_metrics
 from .labels import PROPERTIES
 
 EXIT_USAGE = 2
@@ -122,6 +122,10 @@ class Run:
     def baseline(self, prop: str, metric: str) -> float:
         return self.value(prop, "baseline", -1, metric)
 
+    def ceiling(self, prop: str, metric: str) -> float:
+        """The best a tie-free map could score (Spearman only); NaN where not measured (older runs)."""
+        return self.value(prop, "ceiling", -1, metric)
+
 
 def load_run(path: Path) -> Run:
     if not path.is_dir():
@@ -141,8 +145,8 @@ def load_run(path: Path) -> Run:
     summary = data.get("summary") or {}
     order = dict.fromkeys([*summary.get("job", {}).get("properties", []), *PROPERTIES])  # the job's, else the study's
     props = [p for p in order if p in found] + sorted(found - set(order))
-    layers = sorted({r["layer"] for r in rows if r["layer"] != "baseline"}, key=layer_key)
-    steps = sorted({int(r["step"]) for r in rows if r["layer"] != "baseline"})
+    layers = sorted({r["layer"] for r in rows if r["layer"] not in REFERENCE_ROWS}, key=layer_key)
+    steps = sorted({int(r["step"]) for r in rows if r["layer"] not in REFERENCE_ROWS})
     if not layers or not steps:
         raise ReportError(f"{file}: holds no probe scores")
     return Run(path, rows, summary, props, layers, steps)
@@ -191,6 +195,7 @@ def property_summary(run: Run, prop: str) -> dict[str, Any]:
         "best": {"layer": top[1], "step": top[2], "value": top[0]} if top else None,
         "best_per_step": {"values": envelope, "layers": argmax},
         "baseline": {m: run.baseline(prop, m) for m in run.metrics(prop)},
+        "ceiling": run.ceiling(prop, metric),
     }
 
 
@@ -210,8 +215,9 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def write_tables(run: Run, props: list[str], out: Path) -> dict[str, str]:
-    """Per (property, metric) a layers × steps CSV whose last row is the baseline (the same value
-    in every step column: it does not depend on the step), plus the long form and tables.json."""
+    """Per (property, metric) a layers × steps CSV whose last rows are the baseline and, for
+    Spearman where measured, the tie-free ceiling (the same value in every step column: neither
+    depends on the step), plus the long form and tables.json."""
     files, nested = {}, {}
     header = ["layer", *(f"step_{s}" for s in run.steps)]
     for prop in props:
@@ -221,13 +227,16 @@ def write_tables(run: Run, props: list[str], out: Path) -> dict[str, str]:
             base = run.baseline(prop, metric)
             rows = [[la, *row] for la, row in zip(run.layers, table, strict=True)]
             rows.append(["baseline", *[base] * len(run.steps)])
+            if math.isfinite(run.ceiling(prop, metric)):
+                rows.append(["ceiling", *[run.ceiling(prop, metric)] * len(run.steps)])
             path = _write_text(out / "tables" / f"{prop}_{metric}.csv", _csv_text(header, rows))
             files[f"{prop}/{metric}"] = str(path)
             nested[prop][metric] = {"primary": metric == primary(prop), "layers": run.layers, "steps": run.steps,
                                     "values": table, "baseline": base, "file": path.name}
     fields = ["property", "layer", "step", "metric", "value", "n_images", "n_undefined", "primary"]
     chosen = sorted((r for r in run.rows if r["property"] in props),
-                    key=lambda r: (props.index(r["property"]), (-1,) if r["layer"] == "baseline" else layer_key(r["layer"]),
+                    key=lambda r: (props.index(r["property"]),
+                                   (-1, r["layer"]) if r["layer"] in REFERENCE_ROWS else layer_key(r["layer"]),
                                    r["step"], r["metric"]))
     long = [{**{k: r.get(k) for k in fields[:-1]}, "primary": r["metric"] == primary(r["property"])} for r in chosen]
     files["long_csv"] = str(_write_text(out / "tables" / "metrics_long.csv",
@@ -328,6 +337,10 @@ def emergence_figure(run: Run, props: list[str], show_layers: Sequence[str] = ()
         base, name = _baseline_line(run, prop, metric)
         if math.isfinite(base):
             ax.axhline(base, color="grey", linestyle="--", linewidth=1.2, label=name)
+        ceiling = run.ceiling(prop, metric)
+        if math.isfinite(ceiling) and ceiling < 0.995:  # drawn only where the labels' ties bind
+            ax.axhline(ceiling, color="black", linestyle=":", linewidth=1.2,
+                       label=f"ceiling: best tie-free map vs the tied labels ({ceiling:.2f})")
         ax.set_xlabel("denoising step")
         ax.set_ylabel(f"{METRIC_NAMES[metric]} (test split)")
         ax.set_title(f"{prop} (n = {run.test_images} test images)", fontsize=10)

@@ -375,19 +375,22 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
     lines += [f"| {b['block']} | {', '.join(b['layers'])} | {b['size']} | {b['channels']} |" for b in layer_table(args.model)]
     rep = results["reports"]["result"]
     lines += ["", "## Best probes (Table 2 analogue)", "",
-              "| mode | property | metric | best layer | step | value | at last step (layer) | trivial baseline |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| mode | property | metric | best layer | step | value | at last step (layer) | trivial baseline "
+              "| tie-free ceiling |", "|---|---|---|---|---|---|---|---|---|"]
     for mode in ("generated", "noised"):
         for prop, s in rep[mode]["properties"].items():
             best, final = s.get("best") or {}, s.get("final") or {}
             base = (s.get("baseline") or {}).get(s["metric"])
             lines.append(f"| {mode} | {prop} | {s['metric']} | {best.get('layer')} | {best.get('step')} | "
-                         f"{_fmt(best.get('value'))} | {_fmt(final.get('value'))} ({final.get('layer')}) | {_fmt(base)} |")
+                         f"{_fmt(best.get('value'))} | {_fmt(final.get('value'))} ({final.get('layer')}) | {_fmt(base)} "
+                         f"| {_fmt(s.get('ceiling'))} |")
     job = args.out / "generated" / "job.json"
     options = (json.loads(job.read_text()).get("options") or {}) if job.is_file() else {}
     norm = DEPTH_NORM_NOTES.get(options.get("depth_norm"), "") + UPSAMPLE_NOTES.get(options.get("upsample"), "")
     lines += ["", "Generated mode = the study's protocol: labels are the label models' outputs on the final image. "
-              "Noised mode: exact labels of renders, the render noised to each step. " + norm, "",
+              "Noised mode: exact labels of renders, the render noised to each step. " + norm +
+              "Tie-free ceiling: the best Spearman any map without ties could reach against these labels; exact "
+              "shading ties (one value on the lit floor, 0 in shadow, 1 for the sky), so it stays below 1.", "",
               "## Emergence: probes vs the label models on each step's decoded image", "",
               "| mode | property | probe reaches 90 % of final at step | label model reaches 90 % at step | "
               "probe at step 3 | label model at step 3 | label model ≥ probe from step |", "|---|---|---|---|---|---|---|"]
