@@ -9,7 +9,8 @@ in the roles the study's off-the-shelf models played on SD v1.4's images.
 | VGG-16 (ImageNet classifier)         | `LabelModels.classify`        | logits [N, 24] over colour × kind   |
 
 The three dense maps come from one network (`DenseLabelNet`: a shared U-Net-like trunk with a head
-of three channels), the classifier is VGG-16's layer layout narrowed (`vgg_classifier`, built with
+of three channels, and optionally a shading-structure head whose floor and zero-shading channels let
+the shading map tie where the exact label ties, `structured_shading`), the classifier is VGG-16's layer layout narrowed (`vgg_classifier`, built with
 timm's VGG). Both run at 128×128 (the scenes model's image size); other sizes (multiples of 8) are
 resized in and the maps resized back out. They are trained by `python -m training.label_models`
 (augmented with blur, noise, colour jitter and resolution loss, because they are applied to the
@@ -40,6 +41,8 @@ CONFIG_FILE = "config.json"
 DENSE_FILE = "dense.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
 DENSE_CHANNELS = ("foreground", "depth", "shading")  # the dense head's output channels, in order
+# The optional shading-structure head's channels, after DENSE_CHANNELS (see `structured_shading`).
+STRUCTURE_CHANNELS = ("floor", "zero_shading")
 
 
 class LabelModelError(ValueError):
@@ -62,12 +65,16 @@ class DenseLabelNet(nn.Module):
     1/2 … 1/16 of the input), and a light full-resolution refinement (upsampled features + the image)
     restores sharp object edges at the cost of one 3×3 conv at full size."""
 
-    def __init__(self, widths=(16, 32, 48, 64), refine: int = 8, global_context: bool = False):
+    def __init__(self, widths=(16, 32, 48, 64), refine: int = 8, global_context: bool = False,
+                 shading_structure: bool = False):
         """global_context: add an image-level vector (global average pool → MLP, ParseNet's global
         context) to the bottleneck features, so a quantity constant over the image (the floor's
         shading, set by the light's elevation) is read from the whole image, not from each pixel's
         receptive field. Its last layer starts at zero: adding it to trained weights changes nothing
-        until it is trained."""
+        until it is trained.
+        shading_structure: add a second head (conv3×3-ReLU-conv1×1 over the upsampled features and the
+        refinement's) with two more output channels, the floor logit (the ray hit the ground) and the
+        zero-shading logit (a shadow, or a face turned from the light); `structured_shading` reads them."""
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) < 2:
@@ -87,9 +94,14 @@ class DenseLabelNet(nn.Module):
                                          nn.Linear(widths[-1], widths[-1]))
             nn.init.zeros_(self.context[2].weight)
             nn.init.zeros_(self.context[2].bias)
+        self.structure = None
+        if shading_structure:
+            self.structure = nn.Sequential(nn.Conv2d(widths[0] + refine, 16, 3, padding=1), nn.ReLU(inplace=True),
+                                           nn.Conv2d(16, len(STRUCTURE_CHANNELS), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [0, 1] (H, W multiples of 2**len(widths)) → [N, 3, H, W] raw outputs."""
+        """[N, 3, H, W] in [0, 1] (H, W multiples of 2**len(widths)) → [N, C, H, W] raw outputs: C = 3
+        (DENSE_CHANNELS), 5 with the shading-structure head (+ STRUCTURE_CHANNELS)."""
         skips = []
         h = self.stem(x * 2 - 1)
         for i, block in enumerate(self.enc):
@@ -103,7 +115,33 @@ class DenseLabelNet(nn.Module):
             h = F.interpolate(h, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
             h = self.dec[i](torch.cat([h, skips[i]], 1))
         h = F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(self.refine(torch.cat([h, x * 2 - 1], 1)))
+        r = self.refine(torch.cat([h, x * 2 - 1], 1))
+        out = self.head(r)
+        if self.structure is not None:
+            out = torch.cat([out, self.structure(torch.cat([h, r], 1))], 1)
+        return out
+
+
+def structured_shading(raw: torch.Tensor) -> torch.Tensor:
+    """Shading [N, H, W] in [0, 1] from DenseLabelNet's raw outputs [N, C, H, W].
+
+    With 3 channels: the shading head's sigmoid. With the structure head (5 channels), the label's own
+    structure is applied to it: Lambertian shading of a plane under one directional light is one value
+    (the floor's n·l), and a surface in a shadow or turned from the light is exactly 0. So pixels the
+    zero-shading channel calls (p > 0.5) read 0, the remaining floor pixels (floor p > 0.5) read the
+    image's median of the shading head over them, and every other pixel (the object's lit faces, the
+    sky) keeps the shading head's value. A continuous map cannot tie where the label ties, which caps
+    its Spearman below 1 (`ldmprobe.metrics.spearman_ceiling`); this one ties where it is confident."""
+    shading = torch.sigmoid(raw[:, 2].float())
+    if raw.shape[1] < 5:
+        return shading
+    zero = raw[:, 3 + STRUCTURE_CHANNELS.index("zero_shading")] > 0
+    floor = (raw[:, 3 + STRUCTURE_CHANNELS.index("floor")] > 0) & ~zero
+    out = shading.masked_fill(zero, 0.0)
+    for i in range(out.shape[0]):
+        if bool(floor[i].any()):
+            out[i][floor[i]] = shading[i][floor[i]].median()
+    return out
 
 
 def vgg_cfg(widths=(8, 16, 32, 64, 64)) -> list:
@@ -196,8 +234,9 @@ class LabelModels:
             yield x
 
     @torch.no_grad()
-    def _dense(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw dense outputs at the input's size: [N, 3, H, W] (fg logit, log inv depth, shading logit)."""
+    def raw(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw dense outputs at the input's size: [N, C, H, W] (fg logit, log inv depth, shading logit,
+        then, with the shading-structure head, floor and zero-shading logits)."""
         out = [self.dense(x) for x in self._inputs(images)]
         raw = torch.cat(out)
         if tuple(raw.shape[-2:]) != tuple(images.shape[-2:]):
@@ -206,25 +245,26 @@ class LabelModels:
 
     def foreground(self, images: torch.Tensor) -> torch.Tensor:
         """P(foreground) per pixel, [N, H, W] float32 in [0, 1]."""
-        return torch.sigmoid(self._dense(images)[:, 0]).float().cpu()
+        return torch.sigmoid(self.raw(images)[:, 0]).float().cpu()
 
     def depth(self, images: torch.Tensor) -> torch.Tensor:
         """Relative inverse depth (larger = nearer), [N, H, W] float32 > 0, geometric mean 1 per image."""
-        log_inv = self._dense(images)[:, 1].double()
+        log_inv = self.raw(images)[:, 1].double()
         log_inv = log_inv - log_inv.flatten(1).mean(1)[:, None, None]
         return log_inv.exp().float().cpu()
 
     def shading(self, images: torch.Tensor) -> torch.Tensor:
-        """Lambertian shading max(0, n·l) with hard shadows (sky = 1), [N, H, W] float32 in [0, 1]."""
-        return torch.sigmoid(self._dense(images)[:, 2]).float().cpu()
+        """Lambertian shading max(0, n·l) with hard shadows (sky = 1), [N, H, W] float32 in [0, 1]
+        (`structured_shading`)."""
+        return structured_shading(self.raw(images)).float().cpu()
 
     def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """All three dense maps from one forward pass: {foreground, depth, shading}."""
-        raw = self._dense(images)
+        raw = self.raw(images)
         log_inv = raw[:, 1].double()
         log_inv = log_inv - log_inv.flatten(1).mean(1)[:, None, None]
         return {"foreground": torch.sigmoid(raw[:, 0]).float().cpu(), "depth": log_inv.exp().float().cpu(),
-                "shading": torch.sigmoid(raw[:, 2]).float().cpu()}
+                "shading": structured_shading(raw).float().cpu()}
 
     @property
     def classifier_size(self) -> int:
@@ -241,10 +281,10 @@ class LabelModels:
                           for x in self._inputs(images)]).float().cpu()
 
 
-def _load_weights(module: nn.Module, path: Path, may_lack: str | None = None) -> None:
-    """may_lack: a prefix of parameters the file may lack (a module added for fine-tuning whose
-    initial weights leave the function unchanged, e.g. DenseLabelNet's zero-initialised `context.`);
-    they keep their fresh values."""
+def _load_weights(module: nn.Module, path: Path, may_lack: str | tuple[str, ...] | None = None) -> None:
+    """may_lack: prefixes of parameters the file may lack (a module added for fine-tuning, e.g.
+    DenseLabelNet's zero-initialised `context.` or its new `structure.` head); they keep their fresh
+    values."""
     from safetensors.torch import load_file
 
     if not path.is_file():

@@ -48,14 +48,12 @@ def _figures(models: LabelModels, data, blur: float = 0.0) -> dict[str, float]:
 
 
 def test_shipped_models_meet_their_targets_on_fresh_clean_renders(shipped, renders):
-    """Targets: Dice ≥ 0.9, depth Spearman ≥ 0.9, top-1 ≥ 0.9. Shading is held to 0.7, not the 0.8 aimed
-    at: per image over valid pixels its label is mostly one tie (the flat, evenly lit floor), and any
-    inexact predictor is ranked within that tie at random; the exact label plus N(0, 0.02) noise
-    scores only about 0.80 (test_shading_spearman_is_tie_bound measures it)."""
+    """Targets: Dice ≥ 0.9, depth Spearman ≥ 0.9, shading Spearman ≥ 0.8 (over valid pixels, through
+    the structure head's ties: test_shading_spearman_is_tie_bound says why the shading head alone cannot)."""
     f = _figures(shipped, renders)
     assert f["dice"] >= 0.9, f
     assert f["depth"] >= 0.9, f
-    assert f["shading"] >= 0.7, f
+    assert f["shading"] >= 0.8, f
 
 
 def test_shipped_classifier_on_fresh_renders(shipped, renders):
@@ -67,7 +65,8 @@ def test_shipped_classifier_on_fresh_renders(shipped, renders):
 
 
 def test_shading_spearman_is_tie_bound(renders):
-    """Why the shading threshold is relaxed: the exact label with a little noise loses most of the way to 0.8."""
+    """Why the shading map ties (structured_shading): the exact label with a little noise loses most of the
+    way to 0.8; any continuous map is ranked at random inside the label's ties (the evenly lit floor)."""
     t = torch.from_numpy(renders["shading"])
     valid = torch.from_numpy(renders["valid"])
     gen = torch.Generator().manual_seed(0)
@@ -82,7 +81,7 @@ def test_shipped_models_are_robust_to_blur(shipped, renders):
     f = _figures(shipped, renders, blur=1.5)
     assert f["dice"] >= 0.85, f
     assert f["depth"] >= 0.85, f
-    assert f["shading"] >= 0.65, f
+    assert f["shading"] >= 0.75, f
     assert f["top1"] >= 0.35, f  # the classifier's clean level (see above), kept under blur
 
 
@@ -140,11 +139,14 @@ def test_shipped_card_matches_the_files():
     clean = card["figures"]["clean"]
     assert card["meets_targets"] == {k: clean[k] >= v for k, v in card["targets"].items()}
     assert clean["images"] == card["eval_scenes"] and card["eval_seeds"][0] > card["train_seeds"][1]
-    # The shading figures sit under what a tie-free map can reach against exact (tied) shading.
-    ceiling = clean["ceiling"]
-    assert ceiling["shading_spearman"] < 0.85 and clean["shading_spearman"] <= ceiling["shading_spearman"]
-    assert clean["shading_spearman_all_pixels"] <= ceiling["shading_spearman_all_pixels"] < 0.9
-    assert "ceiling: the exact labels, ties broken" in (SCENES_LABELS_DIR / "card.md").read_text()
+    # The shading head alone sits under what a tie-free map can reach against exact (tied) shading; the
+    # structured map ties where the label does and passes that ceiling, with a lower RMSE, not only better ranks.
+    ceiling, head = clean["ceiling"], clean["shading_head"]
+    assert ceiling["shading_spearman"] < 0.85 and head["shading_spearman"] <= ceiling["shading_spearman"]
+    assert head["shading_spearman_all_pixels"] <= ceiling["shading_spearman_all_pixels"] < 0.9
+    assert clean["shading_spearman"] > ceiling["shading_spearman"] and clean["shading_rmse"] < head["shading_rmse"]
+    md = (SCENES_LABELS_DIR / "card.md").read_text()
+    assert "ceiling: the exact labels, ties broken" in md and "clean: shading head alone" in md
 
 
 def test_loader_names_what_is_missing_or_wrong(tmp_path):
@@ -286,7 +288,7 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     from ldmprobe.label_models import SCENES_LABELS_DIR as shipped_dir
 
     out = tmp_path / "ft"
-    assert main(["--out", str(out), "--init-from", str(shipped_dir), "--scenes", "8", "--eval-scenes", "2",
+    assert main(["--out", str(out), "--init-from", str(shipped_dir), "--shading-structure", "--scenes", "8", "--eval-scenes", "2",
                  "--dense-steps", "1", "--classifier-steps", "1", "--batch", "4", "--lr", "0", "--classifier-size",
                  "64", "--eval-blur", "2", "--no-progress"]) == 0
     card = json.loads((out / "card.json").read_text())
@@ -326,13 +328,55 @@ def test_fine_tuning_may_add_global_context(tmp_path):
 
     out = tmp_path / "ctx"
     assert main(["--out", str(out), "--init-from", str(shipped_dir), "--classifier-from", str(shipped_dir),
-                 "--dense-global-context", "--scenes", "8", "--eval-scenes", "2", "--dense-steps", "1", "--batch", "4",
+                 "--dense-global-context", "--shading-structure", "--scenes", "8", "--eval-scenes", "2", "--dense-steps", "1", "--batch", "4",
                  "--lr", "0", "--classifier-size", str(load_label_models().config["classifier"].get("input_size", 96)),
                  "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["dense"]["global_context"] is True
     loaded = load_label_models(out)
     assert loaded.modules["dense"].context is not None
     assert float(loaded.modules["dense"].context[2].weight.abs().max()) == 0.0  # lr 0: still the no-op start
+
+
+def test_structured_shading_ties_where_the_structure_head_is_sure():
+    """Known answer: zero-shading p > 0.5 reads 0; the rest of the floor (p > 0.5) reads the shading
+    head's median over it, one value per image; every other pixel keeps the head's sigmoid; without the
+    structure channels the map is the sigmoid alone."""
+    from ldmprobe.label_models import structured_shading
+
+    logit = torch.tensor([[0.0, 1.0, 2.0, -1.0], [3.0, -2.0, 0.5, 4.0]])
+    floor = torch.tensor([[5.0, 5.0, 5.0, -5.0], [-5.0, 5.0, 5.0, -5.0]])
+    zero = torch.tensor([[-5.0, -5.0, -5.0, -5.0], [-5.0, 5.0, -5.0, 5.0]])
+    raw = torch.stack([torch.zeros(2, 4), torch.zeros(2, 4), logit, floor, zero])[None]
+    out = structured_shading(raw)[0]
+    s = torch.sigmoid(logit)
+    floor_value = torch.sigmoid(torch.tensor([0.0, 1.0, 2.0, 0.5])).median()  # floor, not zero: 4 pixels
+    expected = torch.tensor([[floor_value] * 3 + [s[0, 3]], [s[1, 0], 0.0, floor_value, 0.0]])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(structured_shading(raw[:, :3]), s[None])
+
+
+def test_structure_head_trains_alone(tmp_path):
+    """--shading-structure --dense-train structure from the shipped models: the structure head's weights
+    move, every other output (foreground, depth, the shading head) stays bit-identical, and the config
+    and card say so."""
+    from ldmprobe.label_models import SCENES_LABELS_DIR as shipped_dir
+
+    out = tmp_path / "structure"
+    assert main(["--out", str(out), "--init-from", str(shipped_dir), "--classifier-from", str(shipped_dir),
+                 "--shading-structure", "--dense-train", "structure", "--scenes", "8", "--eval-scenes", "2",
+                 "--dense-steps", "2", "--batch", "4", "--lr", "1e-2", "--eval-blur", "2",
+                 "--classifier-size", str(load_label_models().config["classifier"].get("input_size", 96)),
+                 "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dense"]["shading_structure"] is True and len(config["dense_channels"]) == 5
+    mine, theirs = load_label_models(out), load_label_models()
+    x = to_float(render_set([TEST_SEED_OFFSET, TEST_SEED_OFFSET + 1])["image"])
+    a, b = mine.raw(x), theirs.raw(x)
+    assert a.shape == (2, 5, 128, 128) and torch.equal(a[:, :3], b[:, :3])
+    assert not torch.equal(a[:, 3:], b[:, 3:])
+    card = json.loads((out / "card.json").read_text())
+    assert "shading_head" in card["figures"]["clean"] and "shading structure" in card["architecture"]["dense"]
+    assert "shading head alone" in (out / "card.md").read_text()
 
 
 def test_training_job_smoke(tmp_path, capsys):
@@ -366,7 +410,9 @@ def test_training_job_smoke(tmp_path, capsys):
                                   ["--shading-tie-weight", "nan"],
                                   ["--init-from", "no/such/folder"], ["--classifier-from", "no/such/folder"],
                                   ["--init-from", "SHIPPED", "--dense-widths", "8,8,8"],
-                                  ["--classifier-from", "SHIPPED", "--classifier-size", "128"]])
+                                  ["--classifier-from", "SHIPPED", "--classifier-size", "128"],
+                                  ["--init-from", "SHIPPED", "--dense-train", "structure"],
+                                  ["--shading-structure", "--dense-train", "structure"]])
 def test_training_job_rejects_bad_input(tmp_path, args):
     """Bad values, missing folders, and weights that do not fit the asked architecture (the shipped
     dense model is 16…64 wide, its classifier reads 64 px): exit 2, nothing written."""

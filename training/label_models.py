@@ -46,14 +46,16 @@ from ldmprobe.atomic import atomic_path, write_json
 from ldmprobe.label_models import (
     CLASSIFIER_FILE,
     CONFIG_FILE,
+    DENSE_CHANNELS,
     DENSE_FILE,
     FORMAT,
     FORMAT_VERSION,
+    STRUCTURE_CHANNELS,
     LabelModels,
     build_modules,
     class_names,
 )
-from ldmprobe.metrics import dice, spearman, spearman_ceiling
+from ldmprobe.metrics import dice, rmse, spearman, spearman_ceiling
 
 from .scenes import KINDS, MODEL_COLORS, MODEL_SCENES, SKY_DEPTH, render_scene
 
@@ -192,7 +194,9 @@ def dense_loss(out: torch.Tensor, mask, valid, depth, shading,
                grad_weight: float = SHADING_GRAD_WEIGHT, tie_weight: float = SHADING_TIE_WEIGHT) -> dict[str, torch.Tensor]:
     """BCE for foreground; shift-invariant weighted MSE of log inverse depth (sky at the far plane,
     weighted SKY_WEIGHT); soft-target BCE for shading plus `grad_weight` × its gradient matching and
-    `tie_weight` × its spread inside the label's ties."""
+    `tie_weight` × its spread inside the label's ties. With the shading-structure head (5 channels),
+    BCE for its floor channel (the ray hit the ground: valid, not the object) and its zero-shading
+    channel (valid and shading exactly 0)."""
     fg = F.binary_cross_entropy_with_logits(out[:, 0], mask)
     w = torch.where(valid > 0, 1.0, SKY_WEIGHT)
     r = out[:, 1] - torch.log(1.0 / depth)
@@ -201,20 +205,32 @@ def dense_loss(out: torch.Tensor, mask, valid, depth, shading,
     sh = F.binary_cross_entropy_with_logits(out[:, 2], shading)
     grad = gradient_matching(torch.sigmoid(out[:, 2]), shading) if grad_weight else out.new_zeros(())
     tie = tie_variance(torch.sigmoid(out[:, 2]), shading) if tie_weight else out.new_zeros(())
-    return {"foreground": fg, "depth": dep, "shading": sh, "shading_grad": grad, "shading_tie": tie,
-            "total": fg + dep + sh + grad_weight * grad + tie_weight * tie}
+    losses = {"foreground": fg, "depth": dep, "shading": sh, "shading_grad": grad, "shading_tie": tie,
+              "total": fg + dep + sh + grad_weight * grad + tie_weight * tie}
+    if out.shape[1] == len(DENSE_CHANNELS) + len(STRUCTURE_CHANNELS):
+        targets = {"floor": valid * (1 - mask), "zero_shading": valid * (shading == 0).to(valid.dtype)}
+        for i, name in enumerate(STRUCTURE_CHANNELS):
+            losses[name] = F.binary_cross_entropy_with_logits(out[:, len(DENSE_CHANNELS) + i], targets[name])
+            losses["total"] = losses["total"] + losses[name]
+    return losses
 
 
 def train_dense(model, data, steps, batch, lr, seed, progress=True, grad_weight: float = SHADING_GRAD_WEIGHT,
-                tie_weight: float = SHADING_TIE_WEIGHT) -> dict:
+                tie_weight: float = SHADING_TIE_WEIGHT, only: str | None = None) -> dict:
+    """only: the name of one submodule to train (e.g. "structure"), every other weight frozen and
+    batch norm in eval mode, so the other outputs stay bit-identical; None trains everything."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng([seed, 1])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    trained = getattr(model, only) if only else model
+    if only:
+        model.requires_grad_(False).eval()
+        trained.requires_grad_(True)
+    opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, max(1, steps // 20)))
-    model.train()
+    trained.train()
     n, ema, t0 = len(data["image"]), None, time.perf_counter()
-    bar = tqdm(range(steps), desc="dense (fg/depth/shading)", unit="step", disable=not progress)
+    bar = tqdm(range(steps), desc=f"dense ({only or 'fg/depth/shading'})", unit="step", disable=not progress)
     for _ in bar:
         idx = rng.choice(n, batch, replace=False)
         flip = rng.random(batch) < 0.5
@@ -238,6 +254,8 @@ def train_dense(model, data, steps, batch, lr, seed, progress=True, grad_weight:
         ema = vals if ema is None else {k: 0.98 * ema[k] + 0.02 * vals[k] for k in vals}
         bar.set_postfix(loss=f"{ema['total']:.3f}")
     model.eval()
+    if only:
+        model.requires_grad_(True)
     return {"wall_s": round(time.perf_counter() - t0, 1), "final_loss": {k: round(v, 5) for k, v in ema.items()}}
 
 
@@ -276,40 +294,53 @@ def train_classifier(model, data, steps, batch, lr, seed, progress=True, input_s
 
 def evaluate(models: LabelModels, data: dict, blur: float = 0.0) -> dict:
     """Held-out figures (means over images): foreground Dice (p > 0.5), depth Spearman over valid
-    pixels (vs inverse z-depth), shading Spearman over valid pixels and over all pixels, classifier
-    top-1; and `ceiling`, what a map without ties could reach at best against the same labels (exact
-    shading is one value on a lit floor, 0 in every shadow). `blur`: Gaussian sigma in pixels
-    applied to the images first."""
+    pixels (vs inverse z-depth), shading Spearman and RMSE over valid pixels and Spearman over all
+    pixels, classifier top-1; and `ceiling`, what a map without ties could reach at best against the
+    same labels (exact shading is one value on a lit floor, 0 in every shadow). With the
+    shading-structure head, `shading_head` holds the shading head's own figures (its sigmoid alone,
+    before `structured_shading`). `blur`: Gaussian sigma in pixels applied to the images first."""
     x = to_float(data["image"])
     if blur > 0:
         x = gaussian_blur(x, blur)
+    raw = models.raw(x).float().cpu()
     maps = models.maps(x)
+    head = torch.sigmoid(raw[:, 2])
     mask = torch.from_numpy(data["mask"]).float()
     valid = torch.from_numpy(data["valid"])
     inv = torch.from_numpy(1.0 / data["depth"]).float()
     shading = torch.from_numpy(data["shading"]).float()
     d = dice(maps["foreground"], mask)
-    dep, sh_valid, dep_ceiling, sh_ceiling = [], [], [], []
+    rows: dict[str, list] = {k: [] for k in ("dep", "sh", "sh_rmse", "head", "head_rmse", "dep_ceiling", "sh_ceiling")}
     for i in range(len(x)):
         v = valid[i]
-        dep.append(float(spearman(maps["depth"][i][v][None], inv[i][v][None])[0]))
-        sh_valid.append(float(spearman(maps["shading"][i][v][None], shading[i][v][None])[0]))
-        dep_ceiling.append(float(spearman_ceiling(inv[i][v][None])[0]))
-        sh_ceiling.append(float(spearman_ceiling(shading[i][v][None])[0]))
-    sh_all = spearman(maps["shading"], shading)
+        t = shading[i][v][None]
+        rows["dep"].append(float(spearman(maps["depth"][i][v][None], inv[i][v][None])[0]))
+        rows["sh"].append(float(spearman(maps["shading"][i][v][None], t)[0]))
+        rows["sh_rmse"].append(float(rmse(maps["shading"][i][v][None], t)[0]))
+        rows["head"].append(float(spearman(head[i][v][None], t)[0]))
+        rows["head_rmse"].append(float(rmse(head[i][v][None], t)[0]))
+        rows["dep_ceiling"].append(float(spearman_ceiling(inv[i][v][None])[0]))
+        rows["sh_ceiling"].append(float(spearman_ceiling(t)[0]))
     top1 = (models.classify(x).argmax(1).numpy() == data["label"]).astype(np.float64)
 
     def mean(values) -> float:
         a = np.asarray(values, dtype=np.float64)
         return round(float(np.nanmean(a)), 4)
 
-    return {"images": int(len(x)), "blur_sigma": blur, "dice": mean(d.numpy()), "depth_spearman": mean(dep),
-            "shading_spearman": mean(sh_valid), "shading_spearman_all_pixels": mean(sh_all.numpy()),
-            "top1": mean(top1), "dice_min": round(float(d.min()), 4),
-            "depth_spearman_min": round(float(np.nanmin(dep)), 4),
-            # The best any map without ties could score against these labels (exact shading ties).
-            "ceiling": {"depth_spearman": mean(dep_ceiling), "shading_spearman": mean(sh_ceiling),
-                        "shading_spearman_all_pixels": mean(spearman_ceiling(shading).numpy())}}
+    out = {"images": int(len(x)), "blur_sigma": blur, "dice": mean(d.numpy()), "depth_spearman": mean(rows["dep"]),
+           "shading_spearman": mean(rows["sh"]),
+           "shading_spearman_all_pixels": mean(spearman(maps["shading"], shading).numpy()),
+           "shading_rmse": mean(rows["sh_rmse"]),
+           "top1": mean(top1), "dice_min": round(float(d.min()), 4),
+           "depth_spearman_min": round(float(np.nanmin(rows["dep"])), 4),
+           # The best any map without ties could score against these labels (exact shading ties).
+           "ceiling": {"depth_spearman": mean(rows["dep_ceiling"]), "shading_spearman": mean(rows["sh_ceiling"]),
+                       "shading_spearman_all_pixels": mean(spearman_ceiling(shading).numpy())}}
+    if raw.shape[1] > len(DENSE_CHANNELS):
+        out["shading_head"] = {"shading_spearman": mean(rows["head"]),
+                               "shading_spearman_all_pixels": mean(spearman(head, shading).numpy()),
+                               "shading_rmse": mean(rows["head_rmse"])}
+    return out
 
 
 # ---------------------------------------------------------------- files
@@ -344,15 +375,34 @@ def _lineage(folder: Path) -> dict:
             "init_from": prev.get("init_from"), "dense_from": prev.get("dense_from")}
 
 
+STRUCTURE_NOTE = """
+The shading map is the shading head with the label's structure applied (`structured_shading`): 0 where
+the structure head sees a shadow or a face turned from the light, one value per image on the rest of the
+floor (a plane under one directional light has one n·l), the shading head elsewhere. So it can tie where
+the label ties, and the ceiling does not bind it. The rows "shading head alone" score the shading head's
+own sigmoid on the same renders; RMSE says whether the ties are right, not only well ranked."""
+
+
 def _card_md(card: dict) -> str:
     f = card["figures"]
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "—"
+
     rows = "\n".join(
         f"| {name} | {f[name]['dice']:.3f} | {f[name]['depth_spearman']:.3f} | {f[name]['shading_spearman']:.3f} "
-        f"| {f[name]['shading_spearman_all_pixels']:.3f} | {f[name]['top1']:.3f} |" for name in f)
+        f"| {f[name]['shading_spearman_all_pixels']:.3f} | {cell(f[name], 'shading_rmse')} | {f[name]['top1']:.3f} |"
+        for name in f)
+    structure = ""
+    for name in f:  # the shading head alone, before the structure head ties it
+        if "shading_head" in f[name]:
+            h = f[name]["shading_head"]
+            rows += (f"\n| *{name}: shading head alone* | — | — | {h['shading_spearman']:.3f} "
+                     f"| {h['shading_spearman_all_pixels']:.3f} | {h['shading_rmse']:.3f} | — |")
+            structure = STRUCTURE_NOTE
     ceiling = f["clean"].get("ceiling")
     if ceiling:  # the same labels under every row: one line
         rows += (f"\n| *ceiling: the exact labels, ties broken* | — | {ceiling['depth_spearman']:.3f} "
-                 f"| {ceiling['shading_spearman']:.3f} | {ceiling['shading_spearman_all_pixels']:.3f} | — |")
+                 f"| {ceiling['shading_spearman']:.3f} | {ceiling['shading_spearman_all_pixels']:.3f} | 0 | — |")
     files = "\n".join(f"| `{n}` | {v['bytes']} | {v['dtype']} | `{v['sha256']}` |" for n, v in card["files"].items())
     targets = ", ".join(f"{k} ≥ {v}" for k, v in card["targets"].items())
     lineage = ""
@@ -376,7 +426,7 @@ Small models in the roles of the study's label models, for the scenes world
 |---|---|---|
 | TRACER saliency | `dense` channel 0 | P(foreground) |
 | MiDaS relative depth | `dense` channel 1 | relative inverse depth (larger = nearer) |
-| intrinsic-image shading | `dense` channel 2 | Lambertian shading (no ambient, hard shadows; sky = 1) |
+| intrinsic-image shading | `dense` {"channels 2–4 (`structured_shading`)" if structure else "channel 2"} | Lambertian shading (no ambient, hard shadows; sky = 1) |
 | VGG-16 | `classifier` | logits over {len(card['class_names'])} colour × kind classes |
 
 Load with `ldmprobe.label_models.load_label_models()`.
@@ -403,10 +453,10 @@ inverse z-depth and against shading, and shading over all pixels (sky included);
 The ceiling row is the best Spearman any map without ties can reach against these labels: exact shading
 ties (one value on a lit floor, 0 in every shadow and on faces turned from the light, 1 for the sky), and
 the order a map gives the pixels of one tie changes nothing, but its distinct values spread them over
-several ranks. The exact label itself, its ties broken, scores the ceiling.
+several ranks. The exact label itself, its ties broken, scores the ceiling.{structure}
 
-| renders | Dice | depth Spearman | shading Spearman (valid) | shading Spearman (all) | top-1 |
-|---|---|---|---|---|---|
+| renders | Dice | depth Spearman | shading Spearman (valid) | shading Spearman (all) | shading RMSE (valid) | top-1 |
+|---|---|---|---|---|---|---|
 {rows}
 
 Each model is stored in fp16 when rounding its weights to fp16 moves no held-out figure by more than
@@ -453,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-global-context", action="store_true",
                    help="DenseLabelNet adds an image-level vector (global pool → MLP) to its bottleneck; with "
                         "--init-from a model without it, the new part starts at zero (default: off)")
+    p.add_argument("--shading-structure", action="store_true",
+                   help="DenseLabelNet gains a shading-structure head (floor and zero-shading logits; the "
+                        "shading map then ties where the label ties, see ldmprobe.label_models.structured_shading); "
+                        "with --init-from a model without it, the head starts fresh (default: off)")
+    p.add_argument("--dense-train", choices=("all", "structure"), default="all",
+                   help="what of the dense model trains: all of it, or only the shading-structure head with "
+                        "every other weight frozen, so the other maps stay bit-identical to --init-from "
+                        "(default: all)")
     p.add_argument("--vgg-widths", type=_widths, default=(8, 16, 32, 64, 64),
                    help="classifier stage widths, VGG-16's five (default: 8,16,32,64,64)")
     p.add_argument("--vgg-hidden", type=int, default=128, help="classifier head width (default: 128)")
@@ -487,7 +545,7 @@ def _load_starting_weights(p, args, config: dict, dense, classifier) -> dict:
 
     def load(module, path: Path, flag: str) -> None:
         try:  # a dense model gaining global context (zero-initialised) fine-tunes from one without
-            _load_weights(module, path, may_lack="context." if flag == "--init-from" else None)
+            _load_weights(module, path, may_lack=("context.", "structure.") if flag == "--init-from" else None)
         except Exception as exc:  # a shape mismatch: the architecture options differ from its config
             p.error(f"{flag}: {path.parent}: {str(exc).splitlines()[0]}")
 
@@ -539,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shading-grad-weight: a finite weight ≥ 0, got {args.shading_grad_weight}")
     if not (math.isfinite(args.shading_tie_weight) and args.shading_tie_weight >= 0):
         p.error(f"--shading-tie-weight: a finite weight ≥ 0, got {args.shading_tie_weight}")
+    if args.dense_train == "structure" and not (args.shading_structure and args.init_from is not None):
+        p.error("--dense-train structure: needs --shading-structure and --init-from (the frozen rest comes from it)")
     if len(args.vgg_widths) != 5:
         p.error("--vgg-widths: VGG-16 has five stages, give five widths")
     if args.out.exists() and not args.out.is_dir():
@@ -551,11 +611,13 @@ def main(argv: list[str] | None = None) -> int:
 
     names = class_names(MODEL_COLORS, KINDS)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "size": size, "class_names": names,
-              "dense": {"widths": list(args.dense_widths)} | ({"global_context": True} if args.dense_global_context
-                                                              else {}),
+              "dense": {"widths": list(args.dense_widths)}
+                       | ({"global_context": True} if args.dense_global_context else {})
+                       | ({"shading_structure": True} if args.shading_structure else {}),
               "classifier": {"widths": list(args.vgg_widths), "hidden": args.vgg_hidden,
                              "head_kernel": args.vgg_head_kernel, "input_size": args.classifier_size},
-              "dense_channels": ["foreground logit", "log inverse depth + c", "shading logit"],
+              "dense_channels": ["foreground logit", "log inverse depth + c", "shading logit"]
+                                + (["floor logit", "zero-shading logit"] if args.shading_structure else []),
               "files": {"dense": DENSE_FILE, "classifier": CLASSIFIER_FILE}}
     dense, classifier = build_modules(config)
     kept = _load_starting_weights(p, args, config, dense, classifier)  # before any work: a mismatch exits 2 at once
@@ -568,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         dense_stats = kept["dense"]
     else:
         dense_stats = train_dense(dense, train, args.dense_steps, args.batch, args.lr, args.seed, progress,
-                                  args.shading_grad_weight, args.shading_tie_weight)
+                                  args.shading_grad_weight, args.shading_tie_weight,
+                                  only="structure" if args.dense_train == "structure" else None)
     wall["dense"] = dense_stats["wall_s"]
     if "classifier" in kept:
         cls_stats = kept["classifier"]
@@ -587,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     fig16 = {"clean": evaluate(half, held)}
     for b in blurs:
         fig16[f"blur σ={b:g}"] = evaluate(half, held, b)
-    keys = {"dense": ("dice", "depth_spearman", "shading_spearman", "shading_spearman_all_pixels"),
+    keys = {"dense": ("dice", "depth_spearman", "shading_spearman", "shading_spearman_all_pixels", "shading_rmse"),
             "classifier": ("top1",)}
     fp16_check = {m: max(abs(fig16[s][k] - figures[s][k]) for s in figures for k in ks) for m, ks in keys.items()}
     dtypes = {m: torch.float16 if fp16_check[m] <= FP16_TOLERANCE else torch.float32 for m in keys}
@@ -611,7 +674,11 @@ def main(argv: list[str] | None = None) -> int:
                      "upsampled features and the image, a 1×1 head of 3 channels (foreground logit, log inverse "
                      "depth up to a constant, shading logit); input 128×128"
                      + ("; global context: the bottleneck's global average → Linear-ReLU-Linear, added to every "
-                        "bottleneck position (ParseNet)" if args.dense_global_context else ""),
+                        "bottleneck position (ParseNet)" if args.dense_global_context else "")
+                     + ("; shading structure: a second head (conv3×3-ReLU-conv1×1 over the upsampled features "
+                        "and the refinement's) with a floor logit and a zero-shading logit; the shading map is "
+                        "0 where zero-shading p > 0.5, one value per image (the shading head's median there) on "
+                        "the rest of the floor p > 0.5, the shading head elsewhere" if args.shading_structure else ""),
             "classifier": f"VGG-16's layout (13 conv3×3 in stages of 2, 2, 3, 3, 3, max-pool after each) with "
                           f"batch norm, stage widths {list(args.vgg_widths)} (VGG-16: 64, 128, 256, 512, 512), "
                           f"built by timm's VGG with a custom cfg; timm's 4096-wide 7×7 fc6 head replaced by its "
