@@ -10,8 +10,8 @@ in the roles the study's off-the-shelf models played on SD v1.4's images.
 
 The three dense maps come from one network (`DenseLabelNet`: a shared U-Net-like trunk with a head
 of three channels, and optionally a shading-structure head whose floor and zero-shading channels let
-the shading map tie where the exact label ties, `structured_shading`), the classifier is VGG-16's layer layout narrowed (`vgg_classifier`, built with
-timm's VGG). Both run at 128×128 (the scenes model's image size); other sizes (multiples of 8) are
+the shading map tie where the exact label ties, `structured_shading`); the classifier is VGG-16's
+layer layout narrowed (`vgg_classifier`, built with timm's VGG). Both run at 128×128 (the scenes model's image size); other sizes (multiples of 8) are
 resized in and the maps resized back out. They are trained by `python -m training.label_models`
 (augmented with blur, noise, colour jitter and resolution loss, because they are applied to the
 scenes model's generated images and to blurry intermediate decodes); the shipped folder is

@@ -7,7 +7,8 @@ such models, so this job trains small ones on renders of the scenes model's own 
 where every label is exact, and writes a folder `ldmprobe.label_models.load_label_models` reads:
 
   config.json              architectures, class names, image size
-  dense.safetensors        DenseLabelNet: foreground, depth, shading (one trunk, three head channels)
+  dense.safetensors        DenseLabelNet: foreground, depth, shading (one trunk, three head channels;
+                           with --shading-structure, a head of floor / zero-shading logits too)
   classifier.safetensors   VGG-16's layout narrowed (timm VGG), colour × kind = 24 classes
   card.md / card.json      data, exact command, seed, wall time per model, held-out figures, sha256
 

@@ -389,8 +389,9 @@ def write_report(args, results: dict[str, dict[str, Any]]) -> Path:
     norm = DEPTH_NORM_NOTES.get(options.get("depth_norm"), "") + UPSAMPLE_NOTES.get(options.get("upsample"), "")
     lines += ["", "Generated mode = the study's protocol: labels are the label models' outputs on the final image. "
               "Noised mode: exact labels of renders, the render noised to each step. " + norm +
-              "Tie-free ceiling: the best Spearman any map without ties could reach against these labels; exact "
-              "shading ties (one value on the lit floor, 0 in shadow, 1 for the sky), so it stays below 1.", "",
+              "Tie-free ceiling: the best Spearman any map without ties could reach against these labels; shading "
+              "ties (exact shading: one value on the lit floor, 0 in shadow, 1 for the sky; the label models' "
+              "shading map ties on the floor and in shadow the same way), so it stays below 1.", "",
               "## Emergence: probes vs the label models on each step's decoded image", "",
               "| mode | property | probe reaches 90 % of final at step | label model reaches 90 % at step | "
               "probe at step 3 | label model at step 3 | label model ≥ probe from step |", "|---|---|---|---|---|---|---|"]
