@@ -386,6 +386,7 @@ own sigmoid on the same renders; RMSE says whether the ties are right, not only 
 
 def _card_md(card: dict) -> str:
     f = card["figures"]
+
     def cell(row: dict, key: str) -> str:
         return f"{row[key]:.3f}" if key in row else "—"
 
