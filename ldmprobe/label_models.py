@@ -144,6 +144,19 @@ def structured_shading(raw: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _relative_depth(raw: torch.Tensor) -> torch.Tensor:
+    """exp of the log inverse depth channel, normalised to geometric mean 1 per image (float64)."""
+    log_inv = raw[:, 1].double()
+    return (log_inv - log_inv.flatten(1).mean(1)[:, None, None]).exp()
+
+
+def dense_maps(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{foreground, depth, shading} float32 on the CPU from DenseLabelNet's raw outputs [N, C, H, W]
+    (`LabelModels.maps` without the forward pass, for callers that also need the raw channels)."""
+    return {"foreground": torch.sigmoid(raw[:, 0]).float().cpu(), "depth": _relative_depth(raw).float().cpu(),
+            "shading": structured_shading(raw).float().cpu()}
+
+
 def vgg_cfg(widths=(8, 16, 32, 64, 64)) -> list:
     """VGG-16's layer layout (configuration "D": 2, 2, 3, 3, 3 convs per stage, max-pool after each)
     with the stage widths given (VGG-16's own are 64, 128, 256, 512, 512)."""
@@ -249,9 +262,7 @@ class LabelModels:
 
     def depth(self, images: torch.Tensor) -> torch.Tensor:
         """Relative inverse depth (larger = nearer), [N, H, W] float32 > 0, geometric mean 1 per image."""
-        log_inv = self.raw(images)[:, 1].double()
-        log_inv = log_inv - log_inv.flatten(1).mean(1)[:, None, None]
-        return log_inv.exp().float().cpu()
+        return _relative_depth(self.raw(images)).float().cpu()
 
     def shading(self, images: torch.Tensor) -> torch.Tensor:
         """Lambertian shading max(0, n·l) with hard shadows (sky = 1), [N, H, W] float32 in [0, 1]
@@ -260,11 +271,7 @@ class LabelModels:
 
     def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """All three dense maps from one forward pass: {foreground, depth, shading}."""
-        raw = self.raw(images)
-        log_inv = raw[:, 1].double()
-        log_inv = log_inv - log_inv.flatten(1).mean(1)[:, None, None]
-        return {"foreground": torch.sigmoid(raw[:, 0]).float().cpu(), "depth": log_inv.exp().float().cpu(),
-                "shading": structured_shading(raw).float().cpu()}
+        return dense_maps(self.raw(images))
 
     @property
     def classifier_size(self) -> int:

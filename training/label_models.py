@@ -55,6 +55,7 @@ from ldmprobe.label_models import (
     LabelModels,
     build_modules,
     class_names,
+    dense_maps,
 )
 from ldmprobe.metrics import dice, rmse, spearman, spearman_ceiling
 
@@ -304,7 +305,7 @@ def evaluate(models: LabelModels, data: dict, blur: float = 0.0) -> dict:
     if blur > 0:
         x = gaussian_blur(x, blur)
     raw = models.raw(x).float().cpu()
-    maps = models.maps(x)
+    maps = dense_maps(raw)  # one forward pass for the maps and the shading head's own figures
     head = torch.sigmoid(raw[:, 2])
     mask = torch.from_numpy(data["mask"]).float()
     valid = torch.from_numpy(data["valid"])
