@@ -72,3 +72,56 @@ def test_evaluate_prints_one_line_and_writes_the_grid(tmp_path, capsys):
     assert len(saved["model_rows"]) == 2
     with Image.open(tmp_path / "samples.png") as im:
         assert im.format == "PNG"
+
+
+def test_samples_figure_draws_a_row_per_guidance(tmp_path, capsys):
+    """The README's samples figure: renders, then one row per guidance scale, every N-th caption."""
+    from training.scenes_model.samples_figure import main
+
+    out = tmp_path / "samples.png"
+    assert main(["--model", "tiny", "--guidance", "2,7.5", "--captions", "4", "--every", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["columns"] == 2 and line["guidances"] == [2.0, 7.5]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.height > 300 and im.width > 200
+
+
+@pytest.mark.parametrize("args, message", [(["--guidance", "two"], "--guidance"), (["--every", "0"], "--every"),
+                                           (["--guidance", "2,90"], "--guidance")])
+def test_samples_figure_bad_input_exits_2(args, message, capsys):
+    from training.scenes_model.samples_figure import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_late_guidance_switches_the_scale_on_the_last_steps_only():
+    """Known answer: K = 0 is the plain run at the first scale, K = all steps the plain run at the late
+    scale, and anything between differs from both; the sampler is restored afterwards."""
+    import ldmprobe.generate as generate
+    from training.scenes_model.data import held_out_captions
+    from training.scenes_model.evaluate import sample
+    from training.scenes_model.late_guidance import late_guidance
+
+    caps, steps = held_out_captions()[:2], 3
+    plain = {g: sample("tiny", caps, steps, g, progress=False)[0] for g in (7.5, 2.0)}
+    original = generate.Denoising.predict
+    runs = {}
+    for k in (0, 1, steps):
+        with late_guidance(k, 2.0):
+            runs[k] = sample("tiny", caps, steps, 7.5, progress=False)[0]
+    assert generate.Denoising.predict is original
+    assert torch.equal(runs[0], plain[7.5]) and torch.equal(runs[steps], plain[2.0])
+    assert not torch.equal(runs[1], plain[7.5]) and not torch.equal(runs[1], plain[2.0])
+
+
+@pytest.mark.parametrize("args, message", [(["--late-steps", "16"], "--late-steps"),
+                                           (["--late-steps", "2", "--late-guidance", "nan"], "--late-guidance")])
+def test_late_guidance_bad_input_exits_2(args, message, capsys):
+    from training.scenes_model.late_guidance import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
