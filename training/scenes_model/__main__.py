@@ -177,9 +177,9 @@ def _intervene(args) -> dict:
 
     model = load_model(args.model)
     bank = ProbeBank.load(args.bank or SCENES_DIR / "bank.safetensors", model)
-    captions, shifts = held_out_captions(), args.dx or [24.0]
-    cases = [{"prompt": captions[i % len(captions)]["caption"], "seed": HELD_OUT_SEED_OFFSET + i,
-              "dx": shifts[i % len(shifts)], "dy": 0.0} for i in range(args.captions)]
+    shifts = args.dx or [24.0]
+    cases = [{"prompt": c["caption"], "seed": HELD_OUT_SEED_OFFSET + i, "dx": shifts[i % len(shifts)], "dy": 0.0}
+             for i, c in enumerate(held_out_captions(args.captions))]
     settings = GenerationSettings(steps=bank.num_steps or 15, guidance=args.guidance)
     sampler = Sampler(model)
     layers = {"layers": args.layers if args.layers in (None, "all") else args.layers.split(",")}
@@ -215,8 +215,7 @@ def _patching(args) -> dict:
     model = load_model(args.model)
     sampler = Sampler(model)
     labels = load_label_models(args.label_models)
-    captions = held_out_captions()
-    prompts = [captions[i % len(captions)]["caption"] for i in range(args.captions)]
+    prompts = [c["caption"] for c in held_out_captions(args.captions)]
     seeds = [HELD_OUT_SEED_OFFSET + i for i in range(args.captions)]
     names = sampler.select_layers("all")
     layer_sets = {"all 16 layers": names, "decoder layers (the intervention's)": [n for n in names if n.startswith("dec")]}

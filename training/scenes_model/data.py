@@ -44,8 +44,9 @@ def is_held_out(colour: str, kind: str, floor: str) -> bool:
     return (c + 2 * k + f) % 5 in (0, 1)
 
 
-def held_out_captions() -> list[dict]:
-    """The 64 held-out captions with their parts, in a fixed order."""
+def held_out_captions(count: int | None = None) -> list[dict]:
+    """The 64 held-out captions with their parts, in a fixed order; with `count`, that many, cycling
+    through them (the i-th sampled with seed HELD_OUT_SEED_OFFSET + i by the jobs that use them)."""
     out = []
     for colour in MODEL_COLORS:
         for kind in KINDS:
@@ -53,7 +54,7 @@ def held_out_captions() -> list[dict]:
                 if is_held_out(colour, kind, floor):
                     out += [{"caption": caption(colour, noun, floor), "colour": colour, "kind": kind, "floor": floor}
                             for noun in NOUNS[kind]]
-    return out
+    return out if count is None else [out[i % len(out)] for i in range(count)]
 
 
 def scene_for(colour: str, kind: str, floor: str, noun: str, seed: int, size: int = 128):
@@ -76,9 +77,8 @@ def scene_for(colour: str, kind: str, floor: str, noun: str, seed: int, size: in
 def held_out_scenes(count: int, size: int = 128) -> list:
     """`count` renders of held-out captions, cycling through them in order (seeds from
     HELD_OUT_SEED_OFFSET on): the renders a sample of the same caption is compared with."""
-    captions, scenes, seed = held_out_captions(), [], HELD_OUT_SEED_OFFSET
-    for i in range(count):
-        c = captions[i % len(captions)]
+    scenes, seed = [], HELD_OUT_SEED_OFFSET
+    for c in held_out_captions(count):
         noun = c["caption"].split(" on ")[0].split()[-1]
         scene, seed = scene_for(c["colour"], c["kind"], c["floor"], noun, seed, size)
         scenes.append(scene)

@@ -117,6 +117,18 @@ def sample(model_source: str, captions: list[dict], steps: int, guidance: float,
     return torch.cat(out), time.perf_counter() - started
 
 
+def held_out_renders(count: int) -> torch.Tensor:
+    """The renders of the first `count` held-out captions (held_out_scenes), float [N, 3, H, W] in [0, 1]."""
+    return torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in held_out_scenes(count)])
+
+
+def at_size_of(images: torch.Tensor, renders: torch.Tensor) -> torch.Tensor:
+    """Samples resized to the renders' size (a model of another resolution is judged at the renders')."""
+    if images.shape[-2:] == renders.shape[-2:]:
+        return images
+    return torch.nn.functional.interpolate(images, size=renders.shape[-2:], mode="bilinear", antialias=True)
+
+
 def grid_png(path: Path, rows: dict[str, torch.Tensor], captions: list[dict], columns: int = 16) -> Path:
     """Renders beside samples of the same captions: one row per source, the first `columns` captions."""
     import matplotlib
@@ -154,10 +166,8 @@ def run_evaluation(args) -> dict:
         judges = load_label_models(args.label_models)
     except (ImportError, ValueError) as exc:  # no label models in this checkout: kind is not measured
         print(f"training.scenes_model evaluate: kind adherence not measured ({exc})", file=sys.stderr)
-    captions = held_out_captions()
-    captions = [captions[i % len(captions)] for i in range(args.captions)]
-    renders = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255
-                           for s in held_out_scenes(len(captions))])
+    captions = held_out_captions(args.captions)
+    renders = held_out_renders(len(captions))
     result = {"captions": len(captions), "steps": args.steps, "guidance": args.guidance,
               "renders": {k: v for k, v in judge(renders, captions, judges).items() if k != "rows"}}
     rows = {"render": renders}
@@ -165,8 +175,7 @@ def run_evaluation(args) -> dict:
         if source in (None, "none"):
             continue
         images, seconds = sample(source, captions, args.steps, args.guidance)
-        if images.shape[-1] != renders.shape[-1]:
-            images = torch.nn.functional.interpolate(images, size=renders.shape[-2:], mode="bilinear", antialias=True)
+        images = at_size_of(images, renders)
         verdict = judge(images, captions, judges)
         result[key] = {"source": source, **{k: v for k, v in verdict.items() if k != "rows"},
                        "sample_s": round(seconds, 1)}

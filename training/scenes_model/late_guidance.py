@@ -44,8 +44,7 @@ def run(model: str, guidance: float, late_steps: int, late_scale: float, caption
     from .data import held_out_captions
     from .evaluate import judge, sample
 
-    all_captions = held_out_captions()
-    chosen = [all_captions[i % len(all_captions)] for i in range(captions)]
+    chosen = held_out_captions(captions)
     with late_guidance(late_steps, late_scale):
         images, seconds = sample(model, chosen, steps, guidance, progress=False)
     verdict = judge(images, chosen, load_label_models(label_models))

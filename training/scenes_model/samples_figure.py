@@ -16,21 +16,16 @@ def samples_figure(out: Path, model: str = "scenes", guidances=(2.0, 7.5), capti
                    steps: int = 15) -> dict:
     """Sample the first `captions` held-out captions at each guidance (seeds as `evaluate`'s) and draw every
     `every`-th one: a row of renders, then a row per guidance."""
-    import torch
+    from .data import held_out_captions
+    from .evaluate import at_size_of, grid_png, held_out_renders, sample
 
-    from .data import held_out_captions, held_out_scenes
-    from .evaluate import grid_png, sample
-
-    all_captions = held_out_captions()
-    chosen = [all_captions[i % len(all_captions)] for i in range(captions)]
+    chosen = held_out_captions(captions)
     pick = list(range(0, captions, every))
-    renders = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in held_out_scenes(captions)])
+    renders = held_out_renders(captions)
     rows = {"render": renders[pick]}
     for g in guidances:
         images, _ = sample(model, chosen, steps, g, progress=False)
-        if images.shape[-1] != renders.shape[-1]:
-            images = torch.nn.functional.interpolate(images, size=renders.shape[-2:], mode="bilinear", antialias=True)
-        rows[f"{model}, guidance {g:g}"] = images[pick]
+        rows[f"{model}, guidance {g:g}"] = at_size_of(images, renders)[pick]
     grid_png(out, rows, [chosen[i] for i in pick], columns=len(pick))
     return {"figure": str(out), "model": model, "guidances": list(guidances), "columns": len(pick)}
 
