@@ -142,6 +142,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     (["train", "--out", "X", "--cfg-dropout", "1.5"], "--cfg-dropout"),
     (["train", "--out", "X", "--snr-floor", "-1"], "--snr-floor"),
     (["train", "--out", "X", "--snr-floor", "6", "--snr-cap", "5"], "--snr-floor"),
+    (["train", "--out", "X", "--guided-below", "2000"], "--guided-below"),
+    (["train", "--out", "X", "--guided-weight", "-0.1"], "--guided-weight"),
     (["evaluate", "--captions", "0"], "--captions"),
     (["intervene", "--guidance", "-1"], "--guidance"),
     (["intervene", "--protocol", "theirs"], "--protocol"),
@@ -209,6 +211,31 @@ def test_weighted_loss_is_the_weighted_mean_of_per_sample_errors():
     weighted = _DenoiseLoss(_Unet(), text, _Sched(), torch.tensor([3.0, 0.5]))
     assert plain(torch.zeros_like(noise), None, noise, t).item() == pytest.approx(2.5)
     assert weighted(torch.zeros_like(noise), None, noise, t).item() == pytest.approx((3 * 1 + 0.5 * 4) / 2)
+
+
+def test_guided_term_adds_the_guided_predictions_error_on_the_nearly_clean_samples_only():
+    from training.scenes_model.train import _DenoiseLoss
+
+    class _Sched:
+        @staticmethod
+        def add_noise(x, n, t):
+            return x + n
+
+    class _Unet(torch.nn.Module):  # predicts the caption's embedding everywhere: captions 1, the empty one 0
+        def forward(self, x, t, cond):
+            return type("O", (), {"sample": torch.zeros_like(x) + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1)})()
+
+    text = lambda ids: (ids.float()[..., None],)  # noqa: E731
+    noise = torch.stack([torch.full((1, 2, 2), 2.0), torch.full((1, 2, 2), 3.0)])
+    t, ids = torch.tensor([10, 400]), torch.ones(2, 1, dtype=torch.long)
+    plain = _DenoiseLoss(_Unet(), text, _Sched())(torch.zeros_like(noise), ids, noise, t).item()
+    assert plain == pytest.approx(((1 - 2) ** 2 + (1 - 3) ** 2) / 2)
+    guided = _DenoiseLoss(_Unet(), text, _Sched(), empty_ids=torch.zeros(1, dtype=torch.long), guided_below=250,
+                          guided_scale=7.5, guided_weight=0.1)(torch.zeros_like(noise), ids, noise, t).item()
+    # only t = 10 is below 250: u + 7.5 (c - u) = 0 + 7.5 (1 - 0) against noise 2, averaged over the batch of 2
+    assert guided == pytest.approx(plain + 0.1 * (7.5 - 2) ** 2 / 2)
+    with pytest.raises(ValueError, match="empty caption"):
+        _DenoiseLoss(_Unet(), text, _Sched(), guided_below=250, guided_weight=0.1)
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "snr_floor": "weight the clean-latent error at least this SNR's worth on the noisy steps, where the caption decides "
                      "colour and layout (0: SD's plain epsilon MSE)",
         "snr_cap": "cap the weight of nearly clean steps at this SNR, min-SNR-γ (0: no cap)", "ema_decay": "EMA decay of exported weights",
+        "guided_below": "on samples with t below this, also train the guided prediction u + s(c - u) against the noise "
+                        "(0: off, SD's training)", "guided_scale": "the guidance scale s of the guided term",
+        "guided_weight": "weight of the guided term",
         "checkpoint_every": "steps between atomic checkpoints", "dtype": "dtype of the exported weights",
         "init": "continue from this diffusers folder of the same architecture ('scenes': the shipped model): "
                 "its VAE and latent scale are kept, its U-Net and text encoder are the starting point",
@@ -129,6 +132,9 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--dtype: use float16, float32 or bfloat16, got {args.dtype!r}")
         if args.snr_floor < 0 or args.snr_cap < 0 or (args.snr_cap and args.snr_floor > args.snr_cap):
             p.error(f"--snr-floor/--snr-cap: need 0 <= floor <= cap (0 = off), got {args.snr_floor}, {args.snr_cap}")
+        if not 0 <= args.guided_below <= 1000 or args.guided_scale < 0 or args.guided_weight < 0:
+            p.error(f"--guided-below/--guided-scale/--guided-weight: need 0 <= below <= 1000, scale >= 0, weight >= 0, "
+                    f"got {args.guided_below}, {args.guided_scale}, {args.guided_weight}")
         if not 0 <= args.cfg_dropout < 1:
             p.error(f"--cfg-dropout: must be in [0, 1), got {args.cfg_dropout}")
     elif args.command == "export":
