@@ -125,3 +125,36 @@ def test_late_guidance_bad_input_exits_2(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_step_trace_reads_the_sampler_without_changing_it():
+    """Known answers: the traced run's images equal an untraced run's; the LMS coefficients of each step
+    integrate over its interval (they sum to sigma_next - sigma); the branches' disagreement is measured
+    only when guidance runs both; the sampler is restored afterwards."""
+    from ldmprobe.generate import Sampler
+    from ldmprobe.models import load_model
+    from ldmprobe.schemas import GenerationSettings
+    from training.scenes_model.step_trace import run, traced
+
+    sampler = Sampler(load_model("tiny"))
+    prompts, seeds, settings = ["a red sphere on a grey floor"], [3], GenerationSettings(steps=3, guidance=7.5)
+    plain = sampler.generate(prompts, seeds, settings, layers=None).images
+    unet_fn = sampler.unet_fn
+    with traced(sampler) as log:
+        images = sampler.generate(prompts, seeds, settings, layers=None).images
+    assert sampler.unet_fn is unet_fn and torch.equal(images, plain) and len(log) == 3
+    out = run("tiny", 7.5, captions=2, steps=3)
+    sigmas = [row["sigma"] for row in out["steps"]] + [0.0]
+    for i, row in enumerate(out["steps"]):
+        assert sum(row["lms_coefficients"]) == pytest.approx(sigmas[i + 1] - sigmas[i], abs=2e-3)
+        assert row["branch_disagreement"] > 0 and 0 <= row["x0_colour_adherence"] <= 1
+    assert all(row["branch_disagreement"] is None for row in run("tiny", 1.0, captions=1, steps=2)["steps"])
+
+
+@pytest.mark.parametrize("args, message", [(["--guidance", "-1"], "--guidance"), (["--captions", "0"], "--captions")])
+def test_step_trace_bad_input_exits_2(args, message, capsys):
+    from training.scenes_model.step_trace import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
