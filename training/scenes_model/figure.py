@@ -13,7 +13,7 @@ from pathlib import Path
 from ldmprobe.jsonout import print_line
 
 
-def probe_figure(out: Path, prompt: str, seed: int, steps: list[int], guidance: float = 2.0) -> dict:
+def probe_figure(out: Path, prompt: str, seed: int, steps: list[int], guidance: float = 7.5) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="a red sphere on a grey floor", help="caption (default: a red sphere on a grey floor)")
     p.add_argument("--seed", type=int, default=3, help="seed (default: 3)")
     p.add_argument("--steps", default="0,3,7,14", help="returned steps (default: 0,3,7,14)")
-    p.add_argument("--guidance", type=float, default=2.0,
-                   help="classifier-free guidance (default: 2, where the scenes model follows its captions; the endpoint's default is the study's 7.5)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance (default: 7.5, the study's and the endpoint's)")
     args = p.parse_args(argv)
     print_line(probe_figure(args.out, args.prompt, args.seed, [int(s) for s in args.steps.split(",")], args.guidance))
     return 0
