@@ -64,7 +64,7 @@ def run(model: str, guidance: float, captions: int, steps: int, first: int = 0) 
     with traced(sampler) as log:
         result = sampler.generate(prompts, seeds, GenerationSettings(steps=steps, guidance=guidance), layers=None)
     rows = []
-    for rec, step in zip(log, result.steps):
+    for rec, step in zip(log, result.steps, strict=True):
         with torch.no_grad():
             decoded = sampler.decode(step.x0)
         disagreement = rec["branch_disagreement"]
