@@ -345,7 +345,7 @@ def test_shipped_tokenizer_gives_the_training_job_ids():
 def test_activation_metric_intervention_moves_the_object_on_the_shipped_model(tmp_path, capsys):
     """`scenes_model intervene` on 4 held-out captions, dx ±24, guidance 7.5, ldmprobe's layers (all 16):
     the default edit (the activation metric) moves the object as the segmenter sees it in the images
-    (stage 6, runs/iv32-m8b-g7.5: 1.05 mean on these 4, 0.77 on 32), the study's Euclidean edit of the same
+    (stage 7, runs/iv32-m12-g7.5: 1.03 mean on these 4, 0.94 on 32), the study's Euclidean edit of the same
     layers far less (stage 4, runs/iv32-euclid-all-g7.5: 0.10 on these 4, 0.06 on 32)."""
     from training.scenes_model.__main__ import main
 
